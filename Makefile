@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create .venv and install the package on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python experiments/demo.py --workdir $(WORKDIR)
+
+# Whole suite, slow end-to-end tests included (that is what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS) tests
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check jest_jax configs experiments tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

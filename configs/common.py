@@ -1,0 +1,100 @@
+"""Shared defaults for every experiment config, and the `key=value,...` argument parser.
+
+Every field is documented here once; experiment configs only change what differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+DATA_DIR = os.environ.get("JEST_DATA_DIR", os.path.expanduser("~/.cache/jest_jax/datasets"))
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse `"a=1,b=foo"` into a ConfigDict, typed like `defaults` (which also set unset keys).
+
+    Example: `parse_arg("stage=learner,runlocal=True", stage="reference", runlocal=False)`.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not of the form key=value")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} is not a boolean")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def pool(name: str = "jest_shapes", split: str = "curated", data_dir: str = DATA_DIR) -> dict:
+    """A dataset split: a TFDS name (embedded builders are built on first use) + data_dir."""
+    return dict(name=name, split=split, data_dir=data_dir)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0                       # params, data order and selection all derive from it
+    c.batch_size = 128               # global batch the learner trains on per step
+    c.total_steps = 300
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = pool()            # the pool training batches are drawn from
+    c.data.image_size = 32           # images are resized to this (square) on the host
+    c.data.text_len = 32             # tokens per caption, padded / truncated
+    c.data.tokenizer = "bytes"       # "bytes" or a path to a SentencePiece .model
+    c.data.num_threads = 2           # grain reader threads per process
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image_variant = "mu"     # mu (CPU-sized), Ti, S, M, B, L
+    c.model.text_variant = "mu"
+    c.model.patch_size = 4           # must divide data.image_size
+    c.model.embed_dim = 128          # shared embedding space
+    c.model.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.temperature_init = 10.0  # SigLIP: t' = log 10
+    c.model.bias_init = -10.0        # SigLIP: beta = -10
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "sigmoid"          # sigmoid (SigLIP) | softmax (CLIP)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_fraction = 0.05  # linear warm-up share of total_steps, then cosine to 0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.weight_decay = 1e-4  # decoupled (AdamW), on weight matrices only
+    c.optimizer.clip_norm = 1.0      # global gradient-norm clipping
+
+    c.selection = ml_collections.ConfigDict()
+    c.selection.method = "uniform"   # uniform: train on the batch as drawn (plain SigLIP)
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every_steps = 100        # 0: only at the end
+    c.evals.batch_size = 256
+    c.evals.max_examples = -1        # -1: the whole split
+    c.evals.zero_shot = dict(
+        kind="zero_shot", data=pool(split="eval"),
+        label_keys=("shape", "color", "size", "position"),
+        templates=(),                # (): the dataset's own prompt templates, if it has them
+    )
+    c.evals.retrieval = dict(kind="retrieval", data=pool(split="eval"))
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.axes = ("data",)
+    c.mesh.shape = (-1,)             # -1: all remaining devices
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.max_to_keep = 3
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.every_steps = 10
+    c.logging.tensorboard = True
+    return c

@@ -1,0 +1,144 @@
+"""Start-up validation of experiment configs: one clear message naming the field.
+
+Runs before any data is read or anything is compiled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from jest_jax.models import VARIANTS
+
+TOP_LEVEL = {"seed", "batch_size", "total_steps", "data", "model", "loss", "optimizer",
+             "selection", "evals", "mesh", "checkpoint", "logging"}
+EVAL_KINDS = ("zero_shot", "retrieval")
+EVAL_OPTIONS = ("every_steps", "batch_size", "max_examples")
+SELECTION_METHODS = ("uniform",)
+
+
+class ConfigError(ValueError):
+    """An invalid config field; the message names the field, its value and what is allowed."""
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    node: Any = config
+    for part in field.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{field} is missing")
+        node = node[part]
+    return node
+
+
+def _int(config, field: str, low: int, high: float = float("inf")) -> int:
+    value = _get(config, field)
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           field, value, f"must be an integer in [{low}, {high}]")
+    return value
+
+
+def _float(config, field: str, ok: Callable[[float], bool], allowed: str) -> float:
+    value = _get(config, field)
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value),
+           field, value, allowed)
+    return float(value)
+
+
+def _choice(config, field: str, choices: tuple) -> Any:
+    value = _get(config, field)
+    _check(value in choices, field, value, f"must be one of {list(choices)}")
+    return value
+
+
+def _pool(config, field: str) -> None:
+    for key in ("name", "split", "data_dir"):
+        value = _get(config, f"{field}.{key}")
+        _check(isinstance(value, str) and value != "", f"{field}.{key}", value,
+               "must be a non-empty string")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ConfigError for the first invalid field; `num_devices` enables mesh checks."""
+    unknown = sorted(set(config.keys()) - TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"config.{unknown[0]} is not a known field (typo?); "
+                          f"top-level fields are {sorted(TOP_LEVEL)}")
+    _int(config, "seed", 0, 2**32 - 1)
+    batch = _int(config, "batch_size", 1)
+    _int(config, "total_steps", 1)
+
+    _pool(config, "data.train")
+    image_size = _int(config, "data.image_size", 1)
+    _int(config, "data.text_len", 2)
+    _int(config, "data.num_threads", 0)
+    tokenizer = _get(config, "data.tokenizer")
+    _check(tokenizer == "bytes" or (isinstance(tokenizer, str) and os.path.isfile(tokenizer)),
+           "data.tokenizer", tokenizer, "must be 'bytes' or the path of a SentencePiece .model file")
+
+    for tower in ("image_variant", "text_variant"):
+        _choice(config, f"model.{tower}", tuple(VARIANTS))
+    patch = _int(config, "model.patch_size", 1)
+    _check(image_size % patch == 0, "model.patch_size", patch,
+           f"must divide data.image_size={image_size}")
+    _int(config, "model.embed_dim", 1)
+    _choice(config, "model.dtype", ("float32", "bfloat16"))
+    _float(config, "model.temperature_init", lambda v: v > 0, "must be > 0")
+    _float(config, "model.bias_init", lambda v: abs(v) < float("inf"), "must be finite")
+
+    _choice(config, "loss.name", ("sigmoid", "softmax"))
+
+    _float(config, "optimizer.learning_rate", lambda v: v > 0, "must be > 0")
+    _float(config, "optimizer.warmup_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _float(config, "optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _float(config, "optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _float(config, "optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
+    _float(config, "optimizer.clip_norm", lambda v: v > 0, "must be > 0")
+
+    _choice(config, "selection.method", SELECTION_METHODS)
+
+    _int(config, "evals.every_steps", 0)
+    _int(config, "evals.batch_size", 1)
+    max_examples = _get(config, "evals.max_examples")
+    _check(isinstance(max_examples, int) and (max_examples == -1 or max_examples > 0),
+           "evals.max_examples", max_examples, "must be -1 (whole split) or a positive integer")
+    for name, task in config.evals.items():
+        if name in EVAL_OPTIONS:
+            continue
+        _check(isinstance(task, ml_collections.ConfigDict) and task.get("kind") in EVAL_KINDS,
+               f"evals.{name}", task if not isinstance(task, ml_collections.ConfigDict)
+               else task.get("kind"), f"must be a dict with kind in {list(EVAL_KINDS)}")
+        _pool(config, f"evals.{name}.data")
+        if task.kind == "zero_shot":
+            keys = _get(config, f"evals.{name}.label_keys")
+            _check(isinstance(keys, (tuple, list)) and len(keys) > 0, f"evals.{name}.label_keys",
+                   keys, "must be a non-empty list of label feature names")
+
+    axes, shape = _get(config, "mesh.axes"), _get(config, "mesh.shape")
+    _check(isinstance(axes, (tuple, list)) and len(axes) > 0 and len(set(axes)) == len(axes),
+           "mesh.axes", axes, "must be a non-empty list of distinct axis names")
+    _check(isinstance(shape, (tuple, list)) and len(shape) == len(axes)
+           and all(isinstance(s, int) and (s == -1 or s > 0) for s in shape)
+           and list(shape).count(-1) <= 1,
+           "mesh.shape", shape, f"must give one size per axis of {tuple(axes)} "
+           "(positive, or -1 once for 'the rest')")
+    if num_devices is not None:
+        from jest_jax.sharding import mesh_shape
+
+        try:
+            mesh_shape(axes, shape, num_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check(batch % num_devices == 0, "batch_size", batch,
+               f"must be divisible by the {num_devices} devices of the mesh")
+
+    _int(config, "checkpoint.every_steps", 1)
+    _int(config, "checkpoint.max_to_keep", 1)
+    _int(config, "logging.every_steps", 1)

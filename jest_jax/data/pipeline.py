@@ -1,0 +1,118 @@
+"""grain input pipelines.
+
+Training batches come from one global shuffled stream of record indices; at step s
+the global batch is stream positions [s*B, (s+1)*B) and process p reads only its
+contiguous slice of it. The global batch (and its order) is therefore the same for
+any number of processes, and the iterator state is a single position: checkpointable.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from jest_jax.data.tokenizer import Tokenizer
+
+_SKIP = ("image", "caption")
+
+
+class Preprocess:
+    """Record → model inputs: uint8 image at `image_size`, int32 tokens, record index.
+
+    Scalar numeric fields (labels, `is_clean`, …) are kept for evaluation and
+    diagnostics. Images stay uint8 on the host; normalisation happens on device.
+    """
+
+    def __init__(self, image_size: int, tokenizer: Tokenizer, text_len: int):
+        self.image_size = image_size
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+
+    def __call__(self, record: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
+        out = {
+            "image": self._image(np.asarray(record["image"])),
+            "tokens": self.tokenizer.encode(record["caption"], self.text_len),
+            "index": np.int64(index),
+        }
+        for key, value in record.items():
+            value = np.asarray(value)
+            if key not in _SKIP and value.ndim == 0 and value.dtype.kind in "biu":
+                out[key] = value
+        return out
+
+    def _image(self, image: np.ndarray) -> np.ndarray:
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        image = image[..., :3].astype(np.uint8)
+        if image.shape[:2] != (self.image_size, self.image_size):
+            pil = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR)
+            image = np.asarray(pil)
+        return image
+
+
+def train_dataset(
+    source: Any,
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+) -> grain.IterDataset:
+    """Infinite, shuffled (reshuffled each epoch) batches of this process's share."""
+    if len(source) < batch_size:
+        raise ValueError(
+            f"the training pool has {len(source)} examples, fewer than one global batch of "
+            f"{batch_size}; use a larger pool or a smaller batch_size"
+        )
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+    local = batch_size // process_count
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+
+    def record_index(j: int) -> int:
+        step, k = divmod(j, local)
+        return int(order[step * batch_size + process_index * local + k])
+
+    ds = (
+        grain.MapDataset.range(sys.maxsize)
+        .map(record_index)
+        .map(lambda i: preprocess(source[i], i))
+        .batch(local, drop_remainder=True)
+    )
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local)
+    return ds.to_iter_dataset(options)
+
+
+def eval_batches(
+    source: Any,
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    limit: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass; the last batch is zero-padded and `mask` marks real rows."""
+    total = len(source) if limit is None else min(limit, len(source))
+    local = batch_size // process_count
+    for start in range(0, total, batch_size):
+        first = start + process_index * local
+        rows = [preprocess(source[i], i) for i in range(first, min(first + local, total))]
+        template = rows[0] if rows else preprocess(source[0], 0)
+        batch = {}
+        for key, value in template.items():
+            stacked = np.zeros((local, *np.shape(value)), np.asarray(value).dtype)
+            for r, row in enumerate(rows):
+                stacked[r] = row[key]
+            batch[key] = stacked
+        batch["mask"] = np.arange(local) < len(rows)
+        yield batch

@@ -1,0 +1,57 @@
+"""Command-line entry point.
+
+    python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke
+    python -m jest_jax.main --config configs/shapes.py:stage=learner --workdir runs/learner \\
+        --config.total_steps=1000
+    python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke --mode eval
+
+Re-running the same command on the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jest_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train or resume; eval: evaluate the latest checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "eval mode: the checkpoint step (default latest).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)  # device-independent checks, before JAX initialises
+    except config_lib.ConfigError as e:
+        sys.exit(f"error: {e}")
+
+    from jest_jax import train  # imports JAX; kept after validation so bad configs fail fast
+
+    try:
+        if _MODE.value == "train":
+            results = train.train(config, _WORKDIR.value)
+        else:
+            results = train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+    except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    for name, value in sorted(results.items()):
+        print(f"{name:32s} {value:.4f}")
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,131 @@
+"""Shared transformer pieces: size variants, dtype parsing, the encoder stack."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Widths / depths follow the ViT naming used by SigLIP; "mu" is a CPU toy size.
+VARIANTS: dict[str, dict[str, int]] = {
+    "mu": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "M": dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+_VARIANT_KEYS = ("width", "depth", "num_heads", "mlp_dim")
+
+# Params are always stored in float32; only the compute dtype varies.
+PARAM_DTYPE = jnp.float32
+
+
+def variant(spec: str | Mapping[str, Any]) -> dict[str, int]:
+    """Resolves a size spec to ``dict(width, depth, num_heads, mlp_dim)``.
+
+    ``spec`` is a name from ``VARIANTS`` or a mapping. A mapping either gives
+    all four fields, or names a base with ``"name"`` and overrides some fields,
+    e.g. ``{"name": "S", "depth": 6}``.
+    """
+    if isinstance(spec, str):
+        if spec not in VARIANTS:
+            raise ValueError(
+                f"Unknown model variant {spec!r}; valid names: {sorted(VARIANTS)}."
+            )
+        return dict(VARIANTS[spec])
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"Model variant must be a name or a mapping, got {spec!r}.")
+    overrides = dict(spec)
+    base = variant(overrides.pop("name")) if "name" in overrides else {}
+    unknown = set(overrides) - set(_VARIANT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Unknown model variant fields {sorted(unknown)}; valid: {list(_VARIANT_KEYS)}."
+        )
+    cfg = {**base, **overrides}
+    missing = [k for k in _VARIANT_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"Model variant {spec!r} is missing fields {missing}.")
+    cfg = {k: int(cfg[k]) for k in _VARIANT_KEYS}
+    if cfg["width"] % cfg["num_heads"]:
+        raise ValueError(
+            f"Model variant width {cfg['width']} is not divisible by "
+            f"num_heads {cfg['num_heads']}."
+        )
+    return cfg
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """Parses a compute dtype given as a jnp dtype or a name like "bfloat16"."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"Unknown dtype {dtype!r}.") from e
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"Compute dtype must be floating point, got {resolved}.")
+    return resolved
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(
+        self, width: int, num_heads: int, mlp_dim: int, dtype: Any, rngs: nnx.Rngs
+    ):
+        common = dict(dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+        self.ln_attn = nnx.LayerNorm(width, **common)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads,
+            width,
+            kernel_init=nnx.initializers.xavier_uniform(),
+            # decode must be set explicitly or the layer refuses to run.
+            decode=False,
+            **common,
+        )
+        self.ln_mlp = nnx.LayerNorm(width, **common)
+        mlp_init = dict(
+            kernel_init=nnx.initializers.xavier_uniform(),
+            bias_init=nnx.initializers.normal(stddev=1e-6),
+        )
+        self.mlp_in = nnx.Linear(width, mlp_dim, **mlp_init, **common)
+        self.mlp_out = nnx.Linear(mlp_dim, width, **mlp_init, **common)
+
+    def __call__(self, x: jax.Array, attn_mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.ln_attn(x), mask=attn_mask)
+        h = jax.nn.gelu(self.mlp_in(self.ln_mlp(x)))
+        return x + self.mlp_out(h)
+
+
+class Encoder(nnx.Module):
+    """A stack of pre-LN transformer blocks followed by a final LayerNorm."""
+
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = resolve_dtype(dtype)
+        self.blocks = nnx.List(
+            [EncoderBlock(width, num_heads, mlp_dim, self.dtype, rngs) for _ in range(depth)]
+        )
+        self.ln_final = nnx.LayerNorm(
+            width, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Encodes ``x: [B, T, width]``; ``mask: bool[B, T]`` marks valid tokens."""
+        x = x.astype(self.dtype)
+        # Key-padding mask, broadcast over heads and queries: [B, 1, 1, T].
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_final(x)

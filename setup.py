@@ -1,0 +1,35 @@
+"""jest_jax: joint example selection (JEST) for SigLIP pretraining in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jest_jax",
+    version="0.1.0",
+    description="JAX/TPU-native joint example selection for image-text contrastive pretraining.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # `configs` ships as a package so `from configs import common` works from any cwd.
+    packages=find_packages(include=["jest_jax", "jest_jax.*", "configs", "configs.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",  # used without TensorFlow (ArrayRecord + data_source)
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "chex>=0.1.92",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "sentencepiece>=0.2.0",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "cuda": ["jax[cuda12]>=0.10.2"],
+    },
+)

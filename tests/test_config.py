@@ -1,0 +1,96 @@
+"""Config parsing and start-up validation: each invalid field fails with its own message."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import common, shapes, smoke
+from jest_jax.config import ConfigError, validate
+
+
+def test_parse_arg_types_from_defaults():
+    arg = common.parse_arg("steps=7,stage=learner,runlocal=true", steps=1, stage="x",
+                           runlocal=False)
+    assert (arg.steps, arg.stage, arg.runlocal) == (7, "learner", True)
+    with pytest.raises(ValueError, match="unknown config argument 'stpes'"):
+        common.parse_arg("stpes=3", steps=1)
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        common.parse_arg("steps", steps=1)
+
+
+@pytest.mark.parametrize("arg", ["stage=reference", "stage=learner", "stage=learner,runlocal=1"])
+def test_shipped_configs_are_valid(arg):
+    validate(shapes.get_config(arg), num_devices=1)
+    validate(smoke.get_config(), num_devices=1)
+
+
+def test_shapes_stage_selects_pool():
+    assert shapes.get_config("stage=reference").data.train.split == "curated"
+    assert shapes.get_config("stage=learner").data.train.split == "raw"
+    with pytest.raises(ValueError, match="stage='teacher'"):
+        shapes.get_config("stage=teacher")
+
+
+INVALID = [
+    # (field path, bad value, expected message fragment)
+    ("batch_size", 0, r"config.batch_size=0 is invalid: must be an integer in \[1"),
+    ("batch_size", 30, "config.batch_size=30 is invalid: must be divisible by the 8 devices"),
+    ("total_steps", -5, "config.total_steps=-5 is invalid"),
+    ("seed", -1, r"config.seed=-1 is invalid: must be an integer in \[0"),
+    ("model.patch_size", 5, "config.model.patch_size=5 is invalid: must divide data.image_size=16"),
+    ("model.image_variant", "XXL", "config.model.image_variant='XXL' is invalid: must be one of"),
+    ("model.dtype", "float16", "config.model.dtype='float16' is invalid"),
+    ("loss.name", "hinge", "config.loss.name='hinge' is invalid: must be one of"),
+    ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate=0.0 is invalid: must be > 0"),
+    ("optimizer.warmup_fraction", 1.0, "config.optimizer.warmup_fraction=1.0 is invalid"),
+    ("optimizer.b2", 1.0, r"config.optimizer.b2=1.0 is invalid: must be in \[0, 1\)"),
+    ("optimizer.clip_norm", -1.0, "config.optimizer.clip_norm=-1.0 is invalid"),
+    ("selection.method", "joint_magic", "config.selection.method='joint_magic' is invalid"),
+    ("data.tokenizer", "/no/such/spm.model", "config.data.tokenizer='/no/such/spm.model'"),
+    ("data.text_len", 1, "config.data.text_len=1 is invalid"),
+    ("data.train.split", "", "config.data.train.split='' is invalid: must be a non-empty string"),
+    ("evals.max_examples", 0, "config.evals.max_examples=0 is invalid"),
+    ("evals.zero_shot.label_keys", (), r"config.evals.zero_shot.label_keys=\(\) is invalid"),
+    ("evals.retrieval.kind", "probe", "config.evals.retrieval='probe' is invalid"),
+    ("mesh.shape", (3,), r"config.mesh.shape=\(3,\) does not fit 8 devices"),
+    ("mesh.shape", (-1, -1), "config.mesh.shape=(.*) is invalid: must give one size per axis"),
+    ("checkpoint.max_to_keep", 0, "config.checkpoint.max_to_keep=0 is invalid"),
+    ("logging.every_steps", 0, "config.logging.every_steps=0 is invalid"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_config_fails_with_its_message(field, value, message):
+    config = smoke.get_config()
+    config.unlock()
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config, num_devices=8)
+
+
+def test_unknown_top_level_field_is_named():
+    config = smoke.get_config()
+    config.unlock()
+    config.batchsize = 64
+    with pytest.raises(ConfigError, match="config.batchsize is not a known field"):
+        validate(config, num_devices=1)
+
+
+def test_messages_are_distinct():
+    messages = set()
+    for field, value, _ in INVALID:
+        config = smoke.get_config()
+        config.unlock()
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        with pytest.raises(ConfigError) as err:
+            validate(config, num_devices=8)
+        messages.add(str(err.value))
+    assert len(messages) == len(INVALID)

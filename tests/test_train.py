@@ -1,0 +1,81 @@
+"""End-to-end training on the tiny embedded data: loss goes down, metrics and checkpoints
+are written, a re-run resumes, a NaN stops the run, eval mode reads a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jest_jax import train
+from jest_jax.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_run_lowers_loss_and_writes_outputs(tiny_config, tmp_path):
+    tiny_config.total_steps = 40
+    tiny_config.optimizer.learning_rate = 3e-3
+    workdir = str(tmp_path / "run")
+    results = train.train(tiny_config, workdir)
+
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-2:]])
+    assert last < 0.8 * first, (first, last)
+    flops = [r["flops"] for r in rows]
+    assert flops[0] > 0 and np.allclose(np.diff(flops), flops[0])  # cumulative, constant/step
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32
+    for key in ("zero_shot/shape", "zero_shot/color", "retrieval/i2t_r1", "retrieval/t2i_r10"):
+        assert 0.0 <= results[key] <= 1.0
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert final["step"] == 40 and final["zero_shot/color"] == results["zero_shot/color"]
+
+
+def test_rerun_resumes_from_checkpoint(tiny_config, tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    tiny_config.total_steps = 10
+    train.train(tiny_config, workdir)
+    first = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+    tiny_config.total_steps = 20  # same workdir, longer run: must continue at step 10
+    capsys.readouterr()
+    train.train(tiny_config, workdir)
+    out = capsys.readouterr().out
+    assert "resuming from the checkpoint at step 10" in out
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]  # no step trained twice
+    assert {r["step"]: r["loss"] for r in rows if r["step"] <= 10} == first
+
+    # An uninterrupted 20-step run draws the same batches, so it matches the resumed one.
+    straight = str(tmp_path / "straight")
+    train.train(tiny_config, straight)
+    ref = {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in rows}
+    np.testing.assert_allclose([got[s] for s in (15, 20)], [ref[s] for s in (15, 20)], rtol=1e-4)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    tiny_config.total_steps = 10
+    train.train(tiny_config, workdir)
+    tiny_config.total_steps = 30
+    tiny_config.optimizer.learning_rate = 1e30  # diverges within a few steps
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite (loss|grad_norm)=.* at step 1\d"):
+        train.train(tiny_config, workdir)
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [10]
+
+
+def test_eval_mode_on_checkpoint(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    tiny_config.total_steps = 10
+    results = train.train(tiny_config, workdir)
+    again = train.evaluate_checkpoint(tiny_config, workdir)
+    assert again.keys() == results.keys()
+    for k in results:
+        assert again[k] == pytest.approx(results[k], abs=1e-6), k
+    assert os.path.exists(os.path.join(workdir, "eval_step10.json"))
