@@ -53,9 +53,7 @@ def sigmoid_loss(
     return pair.sum() / img.shape[0]
 
 
-def softmax_loss(
-    img: jax.Array, txt: jax.Array, log_temperature: jax.Array
-) -> jax.Array:
+def softmax_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array) -> jax.Array:
     """CLIP loss: mean of the image→text and text→image cross-entropies."""
     img = img.astype(jnp.float32)
     txt = txt.astype(jnp.float32)

@@ -53,8 +53,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     warmup = int(round(o.warmup_fraction * config.total_steps))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, o.learning_rate, warmup_steps=warmup, decay_steps=max(config.total_steps, warmup + 1))
-    # Only weight matrices decay; norms, biases, temperature and the logit bias do not.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    # Only projection kernels decay; embeddings, norms, biases, t' and beta do not.
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: str(path[-1].key).endswith("kernel"), params)
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
         optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))

@@ -79,9 +79,7 @@ def test_diagonal_is_positive():
     off = pair[~np.eye(4, dtype=bool)]
     assert float(off.max()) < 1e-3
     # With z = -1 on the diagonal the loss would be ~90.
-    flipped = losses.pair_losses_block(
-        img, img, jnp.log(100.0), -10.0, jnp.zeros((4, 4), bool)
-    )
+    flipped = losses.pair_losses_block(img, img, jnp.log(100.0), -10.0, jnp.zeros((4, 4), bool))
     assert float(jnp.diagonal(flipped).min()) > 80.0
 
 
@@ -90,12 +88,8 @@ def test_block_matches_dense_rows_and_columns():
     dense = losses.sigmoid_pair_losses(img, txt, t, b)
     all_ids = jnp.arange(12)
     sel = jnp.array([3, 0, 9])
-    rows = losses.pair_losses_block(
-        img[sel], txt, t, b, losses.positive_mask(sel, all_ids)
-    )
-    cols = losses.pair_losses_block(
-        img, txt[sel], t, b, losses.positive_mask(all_ids, sel)
-    )
+    rows = losses.pair_losses_block(img[sel], txt, t, b, losses.positive_mask(sel, all_ids))
+    cols = losses.pair_losses_block(img, txt[sel], t, b, losses.positive_mask(all_ids, sel))
     np.testing.assert_allclose(rows, dense[sel, :], rtol=1e-6)
     np.testing.assert_allclose(cols, dense[:, sel], rtol=1e-6)
 

@@ -83,9 +83,7 @@ def test_only_param_state(model):
 
 
 def test_text_pooling_ignores_padding():
-    text = TextTransformer(
-        vocab_size=VOCAB, max_len=5, variant="mu", out_dim=DIM, rngs=nnx.Rngs(3)
-    )
+    text = TextTransformer(vocab_size=VOCAB, max_len=5, variant="mu", out_dim=DIM, rngs=nnx.Rngs(3))
     tokens = jnp.array([[7, 8, 9, 0, 0], [1, 2, 3, 4, 0]])
     before = _text(text, tokens)
     # Rows 3 and 4 of the position table only ever touch padded positions of
@@ -183,7 +181,18 @@ def test_functional_split_merge_under_jit_and_grad(model):
     assert float(jnp.abs(grads["bias"][...])) > 0
     # The functional path computes the same thing as calling the module.
     direct = losses.sigmoid_loss(
-        _embed_images(model, images, 8), _embed_texts(model, tokens),
-        model.log_temperature[...], model.bias[...],
+        _embed_images(model, images, 8),
+        _embed_texts(model, tokens),
+        model.log_temperature[...],
+        model.bias[...],
     )
     np.testing.assert_allclose(loss, direct, rtol=1e-5)
+
+
+def test_only_matrices_have_rank_two_or_more(model):
+    # The trainer's weight-decay mask goes by rank: biases, norm scales, t' and
+    # β must stay below rank 2.
+    flat = nnx.state(model, nnx.Param).flat_state()
+    for path, var in flat:
+        if path[-1] in ("bias", "scale") or path == ("log_temperature",):
+            assert var[...].ndim <= 1, path

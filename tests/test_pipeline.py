@@ -26,13 +26,17 @@ def test_sentencepiece_tokenizer(tmp_path):
     sentences = [f"a {c} {s} in the {p}" for c in ("red", "blue", "green") for s in
                  ("circle", "square", "star") for p in ("top", "left", "bottom")]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 5),
-                                   model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_prefix=str(tmp_path / "sp"), vocab_size=28,
                                    minloglevel=2)
     tok = make_tokenizer(str(tmp_path / "sp.model"))
     assert isinstance(tok, SentencePieceTokenizer)
-    ids = tok.encode("a red circle", 12)
-    assert ids.shape == (12,) and ids[0] != 0 and ids[-1] == 0
+    ids = tok.encode("a red circle", 40)
+    n = int((ids != 0).sum())
+    assert ids.shape == (40,) and 0 < n < 40 and not ids[n:].any()
     assert ids.max() < tok.vocab_size
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert ids[n - 1] == sp.eos_id() + 1  # ends with the (shifted) end-of-text id
+    assert sp.decode((ids[: n - 1] - 1).tolist()) == "a red circle"
     with pytest.raises(FileNotFoundError, match="SentencePiece model not found"):
         make_tokenizer(str(tmp_path / "missing.model"))
 

@@ -34,9 +34,7 @@ def variant(spec: str | Mapping[str, Any]) -> dict[str, int]:
     """
     if isinstance(spec, str):
         if spec not in VARIANTS:
-            raise ValueError(
-                f"Unknown model variant {spec!r}; valid names: {sorted(VARIANTS)}."
-            )
+            raise ValueError(f"Unknown model variant {spec!r}; valid names: {sorted(VARIANTS)}.")
         return dict(VARIANTS[spec])
     if not isinstance(spec, Mapping):
         raise ValueError(f"Model variant must be a name or a mapping, got {spec!r}.")
@@ -54,8 +52,7 @@ def variant(spec: str | Mapping[str, Any]) -> dict[str, int]:
     cfg = {k: int(cfg[k]) for k in _VARIANT_KEYS}
     if cfg["width"] % cfg["num_heads"]:
         raise ValueError(
-            f"Model variant width {cfg['width']} is not divisible by "
-            f"num_heads {cfg['num_heads']}."
+            f"Model variant width {cfg['width']} is not divisible by num_heads {cfg['num_heads']}."
         )
     return cfg
 
@@ -71,22 +68,45 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     return resolved
 
 
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with an optional key-padding mask.
+
+    Written out (rather than ``nnx.MultiHeadAttention``) so every kernel is a
+    2-D ``[in, out]`` matrix and every bias 1-D: weight-decay masks and
+    sharding rules can then go by rank and name alone.
+    """
+
+    def __init__(self, width: int, num_heads: int, dtype: Any, rngs: nnx.Rngs):
+        linear = dict(
+            kernel_init=nnx.initializers.xavier_uniform(),
+            dtype=dtype,
+            param_dtype=PARAM_DTYPE,
+            rngs=rngs,
+        )
+        self.num_heads = num_heads
+        self.query = nnx.Linear(width, width, **linear)
+        self.key = nnx.Linear(width, width, **linear)
+        self.value = nnx.Linear(width, width, **linear)
+        self.out = nnx.Linear(width, width, **linear)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x: [B, T, width]``, ``mask: bool[B, T]`` (True = valid key)."""
+        batch, length, width = x.shape
+        heads = lambda y: y.reshape(batch, length, self.num_heads, width // self.num_heads)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        # Logits and softmax run in float32 inside, whatever the compute dtype.
+        y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+        return self.out(y.reshape(batch, length, width))
+
+
 class EncoderBlock(nnx.Module):
     """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(
-        self, width: int, num_heads: int, mlp_dim: int, dtype: Any, rngs: nnx.Rngs
-    ):
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, dtype: Any, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
         self.ln_attn = nnx.LayerNorm(width, **common)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads,
-            width,
-            kernel_init=nnx.initializers.xavier_uniform(),
-            # decode must be set explicitly or the layer refuses to run.
-            decode=False,
-            **common,
-        )
+        self.attn = SelfAttention(width, num_heads, dtype, rngs)
         self.ln_mlp = nnx.LayerNorm(width, **common)
         mlp_init = dict(
             kernel_init=nnx.initializers.xavier_uniform(),
@@ -95,8 +115,8 @@ class EncoderBlock(nnx.Module):
         self.mlp_in = nnx.Linear(width, mlp_dim, **mlp_init, **common)
         self.mlp_out = nnx.Linear(mlp_dim, width, **mlp_init, **common)
 
-    def __call__(self, x: jax.Array, attn_mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.ln_attn(x), mask=attn_mask)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.ln_attn(x), mask)
         h = jax.nn.gelu(self.mlp_in(self.ln_mlp(x)))
         return x + self.mlp_out(h)
 
@@ -117,15 +137,11 @@ class Encoder(nnx.Module):
         self.blocks = nnx.List(
             [EncoderBlock(width, num_heads, mlp_dim, self.dtype, rngs) for _ in range(depth)]
         )
-        self.ln_final = nnx.LayerNorm(
-            width, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs
-        )
+        self.ln_final = nnx.LayerNorm(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Encodes ``x: [B, T, width]``; ``mask: bool[B, T]`` marks valid tokens."""
         x = x.astype(self.dtype)
-        # Key-padding mask, broadcast over heads and queries: [B, 1, 1, T].
-        attn_mask = None if mask is None else mask[:, None, None, :]
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, mask)
         return self.ln_final(x)

@@ -45,9 +45,7 @@ class TextTransformer(nnx.Module):
             )
         )
         self.encoder = Encoder(dtype=self.dtype, rngs=rngs, **cfg)
-        self.head = nnx.Linear(
-            width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs
-        )
+        self.head = nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Embeds ``tokens: int32[B, L]`` (L <= max_len) to ``f32[B, out_dim]``."""

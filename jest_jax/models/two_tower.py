@@ -59,14 +59,10 @@ class TwoTower(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.log_temperature = nnx.Param(
-            jnp.asarray(math.log(temperature_init), jnp.float32)
-        )
+        self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature_init), jnp.float32))
         self.bias = nnx.Param(jnp.asarray(bias_init, jnp.float32))
 
-    def embed_images(
-        self, images: jax.Array, patch_size: int | None = None
-    ) -> jax.Array:
+    def embed_images(self, images: jax.Array, patch_size: int | None = None) -> jax.Array:
         """``f32[B, H, W, 3] -> f32[B, D]``, unit norm; see ``ViT.__call__``."""
         return l2_normalize(self.image(images, patch_size))
 

@@ -58,9 +58,7 @@ class ViT(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
-            raise ValueError(
-                f"patch_size {patch_size} does not divide image_size {image_size}."
-            )
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}.")
         cfg = resolve_variant(variant)
         width = cfg["width"]
         grid = image_size // patch_size
@@ -80,9 +78,7 @@ class ViT(nnx.Module):
             )
         )
         self.encoder = Encoder(dtype=self.dtype, rngs=rngs, **cfg)
-        self.head = nnx.Linear(
-            width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs
-        )
+        self.head = nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
     def __call__(self, images: jax.Array, patch_size: int | None = None) -> jax.Array:
         """Embeds ``images: f32[B, H, W, 3]`` to ``f32[B, out_dim]`` (not normalised).
@@ -93,9 +89,7 @@ class ViT(nnx.Module):
         p = self.patch_size if patch_size is None else int(patch_size)
         batch, height, width_px, channels = images.shape
         if p <= 0 or height % p or width_px % p:
-            raise ValueError(
-                f"patch_size {p} does not divide the image size {height}x{width_px}."
-            )
+            raise ValueError(f"patch_size {p} does not divide the image size {height}x{width_px}.")
         kernel = resize_patch_embedding(self.patch_kernel[...], p)
         gh, gw = height // p, width_px // p
         # A stride-p conv with a p×p kernel is a matmul over non-overlapping patches.
@@ -113,4 +107,3 @@ class ViT(nnx.Module):
         x = self.encoder(x)
         pooled = x.astype(jnp.float32).mean(axis=1)
         return self.head(pooled).astype(jnp.float32)
-
