@@ -146,8 +146,13 @@ def _check_finite(step: int, metrics: dict[str, float], last_good: int | None,
                 f"non-finite {name}={metrics[name]} at step {step}; stopping: {kept}")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (or resume) `config` in `workdir`; returns the final evaluation metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          stop_at_step: int | None = None) -> dict[str, float]:
+    """Train (or resume) `config` in `workdir`; returns the final evaluation metrics.
+
+    `stop_at_step` checkpoints and returns early at that step (the schedule still
+    spans `total_steps`), e.g. for time-sliced jobs; re-running resumes from there.
+    """
     config_lib.validate(config, num_devices=jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     _save_config(config, workdir)
@@ -197,7 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 report(*pending)
             pending = (step, metrics)
             final = step == config.total_steps
-            if step % config.checkpoint.every_steps == 0 or final:
+            stopping = step == stop_at_step
+            if step % config.checkpoint.every_steps == 0 or final or stopping:
                 report(*pending)  # never checkpoint a step whose loss was not checked
                 pending = None
                 # Saved before the next batch is drawn, so a resume redraws it.
@@ -210,6 +216,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 print(f"[{step:>6}/{config.total_steps}] eval " +
                       " ".join(f"{k}={v:.3f}" for k, v in results.items()), flush=True)
                 progress.restart_clock(step)
+            if stopping and not final:
+                print(f"stopping at step {step} (stop_at_step); re-run to resume", flush=True)
+                break
             if not final:
                 batch = sharding.to_global(next(data_iter), mesh)
         if start >= config.total_steps:
@@ -218,9 +227,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     finally:
         ckpt.close()
         writer.close()
-    if jax.process_index() == 0:
+    if results and jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump({"step": max(start, config.total_steps), **results}, f, indent=2)
+            json.dump({"step": int(state["step"]), **results}, f, indent=2)
     return results
 
 

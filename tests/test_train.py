@@ -16,47 +16,46 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_run_lowers_loss_and_writes_outputs(tiny_config, tmp_path):
-    tiny_config.total_steps = 40
-    tiny_config.optimizer.learning_rate = 3e-3
+    tiny_config.total_steps = 100
     workdir = str(tmp_path / "run")
     results = train.train(tiny_config, workdir)
 
     rows = [r for r in read_metrics(workdir) if "loss" in r]
-    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert [r["step"] for r in rows] == list(range(5, 101, 5))
     first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-2:]])
-    assert last < 0.8 * first, (first, last)
+    # The best loss without telling pairs apart (one shared logit, sigmoid = 1/b) is
+    # b * H(1/b); going clearly below it means the towers learned which pairs match.
+    b = tiny_config.batch_size
+    plateau = np.log(b) + (b - 1) * np.log(b / (b - 1))
+    assert last < first and last < 0.95 * plateau, (first, last, plateau)
     flops = [r["flops"] for r in rows]
     assert flops[0] > 0 and np.allclose(np.diff(flops), flops[0])  # cumulative, constant/step
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [80, 90, 100]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32
     for key in ("zero_shot/shape", "zero_shot/color", "retrieval/i2t_r1", "retrieval/t2i_r10"):
         assert 0.0 <= results[key] <= 1.0
     final = json.load(open(os.path.join(workdir, "final_metrics.json")))
-    assert final["step"] == 40 and final["zero_shot/color"] == results["zero_shot/color"]
+    assert final["step"] == 100 and final["zero_shot/color"] == results["zero_shot/color"]
 
 
 def test_rerun_resumes_from_checkpoint(tiny_config, tmp_path, capsys):
+    tiny_config.total_steps = 20
     workdir = str(tmp_path / "run")
-    tiny_config.total_steps = 10
-    train.train(tiny_config, workdir)
-    first = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+    train.train(tiny_config, workdir, stop_at_step=10)  # as if the job died after step 10
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [5, 10]
 
-    tiny_config.total_steps = 20  # same workdir, longer run: must continue at step 10
     capsys.readouterr()
-    train.train(tiny_config, workdir)
-    out = capsys.readouterr().out
-    assert "resuming from the checkpoint at step 10" in out
+    train.train(tiny_config, workdir)  # the same command again
+    assert "resuming from the checkpoint at step 10" in capsys.readouterr().out
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]  # no step trained twice
-    assert {r["step"]: r["loss"] for r in rows if r["step"] <= 10} == first
 
-    # An uninterrupted 20-step run draws the same batches, so it matches the resumed one.
+    # An uninterrupted run draws the same batches with the same schedule: same losses.
     straight = str(tmp_path / "straight")
     train.train(tiny_config, straight)
-    ref = {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
-    got = {r["step"]: r["loss"] for r in rows}
-    np.testing.assert_allclose([got[s] for s in (15, 20)], [ref[s] for s in (15, 20)], rtol=1e-4)
+    ref = [r["loss"] for r in read_metrics(straight) if "loss" in r]
+    np.testing.assert_allclose([r["loss"] for r in rows], ref, rtol=1e-5)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_config, tmp_path):
