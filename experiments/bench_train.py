@@ -24,10 +24,10 @@ def bench(config, steps: int) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
     trainer = Trainer(config, mesh, vocab_size=258)
     rng = np.random.default_rng(0)
-    b, s, l = config.batch_size, config.data.image_size, config.data.text_len
+    b, size, length = config.batch_size, config.data.image_size, config.data.text_len
     batch = sharding.to_global({
-        "image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-        "tokens": rng.integers(1, 258, (b, l), dtype=np.int32)}, mesh)
+        "image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+        "tokens": rng.integers(1, 258, (b, length), dtype=np.int32)}, mesh)
     state = trainer.init_state(0)
     step = trainer.jit_train_step()
     compiled = step.lower(state, batch).compile()

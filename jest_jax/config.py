@@ -81,7 +81,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _int(config, "data.num_threads", 0)
     tokenizer = _get(config, "data.tokenizer")
     _check(tokenizer == "bytes" or (isinstance(tokenizer, str) and os.path.isfile(tokenizer)),
-           "data.tokenizer", tokenizer, "must be 'bytes' or the path of a SentencePiece .model file")
+           "data.tokenizer", tokenizer,
+           "must be 'bytes' or the path of a SentencePiece .model file")
 
     for tower in ("image_variant", "text_variant"):
         _choice(config, f"model.{tower}", tuple(VARIANTS))
