@@ -21,11 +21,11 @@ setup(
         "ml-collections>=1.1.0",
         "chex>=0.1.92",
         "absl-py>=2.1",
+        "etils[epath]>=1.5",
         "numpy>=1.26",
         "pillow>=10.0",
         "sentencepiece>=0.2.0",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
-        "matplotlib>=3.8",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],

@@ -43,7 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0                       # params, data order and selection all derive from it
     c.batch_size = 128               # global batch the learner trains on per step
-    c.total_steps = 300
+    c.total_steps = 300              # learner steps; the LR schedule spans all of them
 
     c.data = ml_collections.ConfigDict()
     c.data.train = pool()            # the pool training batches are drawn from
@@ -53,8 +53,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.num_threads = 2           # grain reader threads per process
 
     c.model = ml_collections.ConfigDict()
-    c.model.image_variant = "mu"     # mu (CPU-sized), Ti, S, M, B, L
-    c.model.text_variant = "mu"
+    c.model.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L
+    c.model.text_variant = "tiny"
     c.model.patch_size = 4           # must divide data.image_size
     c.model.embed_dim = 128          # shared embedding space
     c.model.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
@@ -69,32 +69,33 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_fraction = 0.05  # linear warm-up share of total_steps, then cosine to 0
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
-    c.optimizer.weight_decay = 1e-4  # decoupled (AdamW), on weight matrices only
+    c.optimizer.weight_decay = 1e-4  # p -= wd * (lr(t)/lr_peak) * p, on projection kernels only
     c.optimizer.clip_norm = 1.0      # global gradient-norm clipping
 
     c.selection = ml_collections.ConfigDict()
     c.selection.method = "uniform"   # uniform: train on the batch as drawn (plain SigLIP)
 
     c.evals = ml_collections.ConfigDict()
-    c.evals.every_steps = 100        # 0: only at the end
-    c.evals.batch_size = 256
-    c.evals.max_examples = -1        # -1: the whole split
+    c.evals.every_steps = 100        # 0: only at the end (always at the end)
+    c.evals.batch_size = 256         # must be divisible by the number of devices
+    c.evals.max_examples = -1        # -1: the whole split; else its first N examples
     c.evals.zero_shot = dict(
         kind="zero_shot", data=pool(split="eval"),
         label_keys=("shape", "color", "size", "position"),
         templates=(),                # (): the dataset's own prompt templates, if it has them
     )
-    c.evals.retrieval = dict(kind="retrieval", data=pool(split="eval"))
+    c.evals.retrieval = dict(kind="retrieval", data=pool(split="eval"))  # R@1/5/10, both ways
+    # Each entry with a `kind` is a task: add more, or `del c.evals.retrieval` to drop one.
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.axes = ("data",)
+    c.mesh.axes = ("data",)          # named mesh axes; batches are split over all of them
     c.mesh.shape = (-1,)             # -1: all remaining devices
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 100
-    c.checkpoint.max_to_keep = 3
+    c.checkpoint.every_steps = 100   # also at the last step; a re-run resumes from the latest
+    c.checkpoint.max_to_keep = 3     # older checkpoints are deleted
 
     c.logging = ml_collections.ConfigDict()
-    c.logging.every_steps = 10
-    c.logging.tensorboard = True
+    c.logging.every_steps = 10       # progress line + metrics.jsonl row every N steps
+    c.logging.tensorboard = True     # also write TensorBoard event files (no TensorFlow needed)
     return c

@@ -1,7 +1,7 @@
 """The demo behind `make demo`: a reference SigLIP on the clean curated pool and a learner
 on the noisy raw pool (uniform sampling), both evaluated on the clean eval split.
 
-    python experiments/demo.py --workdir runs/demo [--steps 600] [--runlocal]
+    python experiments/demo.py --workdir runs/demo [--steps 1000] [--runlocal]
 
 Writes `<workdir>/results.md` (the table printed at the end) next to both runs' workdirs.
 """
@@ -49,7 +49,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--runlocal", action="store_true", help="tiny data, a few steps")
     args = parser.parse_args()
     start = time.time()

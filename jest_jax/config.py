@@ -29,7 +29,8 @@ def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
 
 
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+def get_field(config: ml_collections.ConfigDict, field: str) -> Any:
+    """`config` value at dotted `field` ("data.train.split"); ConfigError if missing."""
     node: Any = config
     for part in field.split("."):
         if part not in node:
@@ -39,28 +40,28 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 
 
 def _int(config, field: str, low: int, high: float = float("inf")) -> int:
-    value = _get(config, field)
+    value = get_field(config, field)
     _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
            field, value, f"must be an integer in [{low}, {high}]")
     return value
 
 
 def _float(config, field: str, ok: Callable[[float], bool], allowed: str) -> float:
-    value = _get(config, field)
+    value = get_field(config, field)
     _check(isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value),
            field, value, allowed)
     return float(value)
 
 
 def _choice(config, field: str, choices: tuple) -> Any:
-    value = _get(config, field)
+    value = get_field(config, field)
     _check(value in choices, field, value, f"must be one of {list(choices)}")
     return value
 
 
 def _pool(config, field: str) -> None:
     for key in ("name", "split", "data_dir"):
-        value = _get(config, f"{field}.{key}")
+        value = get_field(config, f"{field}.{key}")
         _check(isinstance(value, str) and value != "", f"{field}.{key}", value,
                "must be a non-empty string")
 
@@ -79,7 +80,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     image_size = _int(config, "data.image_size", 1)
     _int(config, "data.text_len", 2)
     _int(config, "data.num_threads", 0)
-    tokenizer = _get(config, "data.tokenizer")
+    tokenizer = get_field(config, "data.tokenizer")
     _check(tokenizer == "bytes" or (isinstance(tokenizer, str) and os.path.isfile(tokenizer)),
            "data.tokenizer", tokenizer,
            "must be 'bytes' or the path of a SentencePiece .model file")
@@ -107,7 +108,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     _int(config, "evals.every_steps", 0)
     _int(config, "evals.batch_size", 1)
-    max_examples = _get(config, "evals.max_examples")
+    max_examples = get_field(config, "evals.max_examples")
     _check(isinstance(max_examples, int) and (max_examples == -1 or max_examples > 0),
            "evals.max_examples", max_examples, "must be -1 (whole split) or a positive integer")
     for name, task in config.evals.items():
@@ -118,11 +119,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                else task.get("kind"), f"must be a dict with kind in {list(EVAL_KINDS)}")
         _pool(config, f"evals.{name}.data")
         if task.kind == "zero_shot":
-            keys = _get(config, f"evals.{name}.label_keys")
+            keys = get_field(config, f"evals.{name}.label_keys")
             _check(isinstance(keys, (tuple, list)) and len(keys) > 0, f"evals.{name}.label_keys",
                    keys, "must be a non-empty list of label feature names")
 
-    axes, shape = _get(config, "mesh.axes"), _get(config, "mesh.shape")
+    axes, shape = get_field(config, "mesh.axes"), get_field(config, "mesh.shape")
     _check(isinstance(axes, (tuple, list)) and len(axes) > 0 and len(set(axes)) == len(axes),
            "mesh.axes", axes, "must be a non-empty list of distinct axis names")
     _check(isinstance(shape, (tuple, list)) and len(shape) == len(axes)
@@ -138,6 +139,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         except ValueError as e:
             raise ConfigError(str(e)) from None
         _check(batch % num_devices == 0, "batch_size", batch,
+               f"must be divisible by the {num_devices} devices of the mesh")
+        eval_batch = config.evals.batch_size
+        _check(eval_batch % num_devices == 0, "evals.batch_size", eval_batch,
                f"must be divisible by the {num_devices} devices of the mesh")
 
     _int(config, "checkpoint.every_steps", 1)

@@ -7,6 +7,7 @@ first pass, and embeddings are computed with the same mesh as training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -14,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from jest_jax import sharding
-from jest_jax.data import load_split
+from jest_jax.config import ConfigError
+from jest_jax.data.datasets import default_templates
 from jest_jax.data.pipeline import Preprocess, eval_batches
 
 if TYPE_CHECKING:
@@ -35,76 +37,88 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.
     return float(np.mean(np.argmax(image_emb @ class_emb.T, axis=1) == labels))
 
 
-def _templates(task: ml_collections.ConfigDict, dataset: str, key: str) -> tuple[str, ...]:
+def _templates(task: ml_collections.ConfigDict, label_key: str) -> tuple[str, ...]:
+    """The task's own templates, else the dataset's (embedded datasets ship some), else generic."""
     if task.templates:
         return tuple(task.templates)
-    if dataset.split("/")[0] == "jest_shapes":
-        from jest_jax.data.shapes import zero_shot_templates
+    return tuple(default_templates(task.data.name, label_key) or GENERIC_TEMPLATES)
 
-        return tuple(zero_shot_templates(key))
-    return GENERIC_TEMPLATES
+
+def _split_key(data: ml_collections.ConfigDict) -> tuple[str, str, str]:
+    return (data.name, data.split, data.data_dir)
 
 
 class Evaluator:
-    """Runs every task of `config.evals` on a set of params."""
+    """Runs every task of `config.evals` on a set of params.
 
-    def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer, preprocess: Preprocess):
+    Every eval split is opened, and its label keys checked, when the evaluator is built:
+    a typo fails before training, not after it. `open_pool(config, field)` opens the split
+    at a config field and reports errors against that field.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer,
+                 preprocess: Preprocess,
+                 open_pool: Callable[[ml_collections.ConfigDict, str], tuple[Any, Any]]):
         self.config = config
-        self.trainer = trainer
         self.preprocess = preprocess
         self.mesh = trainer.mesh
         batch = sharding.batch_sharding(self.mesh)
+        params = trainer.state_sharding["params"]
         out = sharding.replicated(self.mesh)
-        self._embed_images = jax.jit(trainer.embed_images, in_shardings=(None, batch),
+        self._embed_images = jax.jit(trainer.embed_images, in_shardings=(params, batch),
                                      out_shardings=out)
-        self._embed_texts = jax.jit(trainer.embed_texts, in_shardings=(None, batch),
+        self._embed_texts = jax.jit(trainer.embed_texts, in_shardings=(params, batch),
                                     out_shardings=out)
-        self._cache: dict[tuple, tuple[list[dict], Any]] = {}
-
-    def tasks(self) -> dict[str, ml_collections.ConfigDict]:
-        return {name: task for name, task in self.config.evals.items()
-                if isinstance(task, ml_collections.ConfigDict) and "kind" in task}
+        self.tasks = {name: task for name, task in config.evals.items()
+                      if isinstance(task, ml_collections.ConfigDict) and "kind" in task}
+        self._splits: dict[tuple, tuple[Any, Any]] = {}
+        for name, task in self.tasks.items():
+            key = _split_key(task.data)
+            if key not in self._splits:
+                self._splits[key] = open_pool(config, f"evals.{name}.data")
+            features = self._splits[key][1].features
+            for label in task.get("label_keys", ()):
+                if label not in features or not hasattr(features[label], "names"):
+                    raise ConfigError(
+                        f"config.evals.{name}.label_keys: {label!r} is not a class-label "
+                        f"feature of {task.data.name}:{task.data.split} (features: "
+                        f"{sorted(features.keys())})")
+        self._examples: dict[tuple, list[dict]] = {}
 
     def run(self, params: Any) -> dict[str, float]:
+        """`{"<task>/<metric>": value}` for every task; each eval split is embedded once."""
         results: dict[str, float] = {}
         embedded: dict[tuple, dict[str, np.ndarray]] = {}
-        for name, task in self.tasks().items():
-            key = (task.data.name, task.data.split, task.data.data_dir)
+        for name, task in self.tasks.items():
+            key = _split_key(task.data)
             if key not in embedded:
-                embedded[key] = self._embed_split(params, task.data)
+                embedded[key] = self._embed_split(params, key)
             split = embedded[key]
             if task.kind == "retrieval":
                 sim = split["image"] @ split["text"].T
                 results.update({f"{name}/i2t_{k}": v for k, v in recall_at_k(sim).items()})
                 results.update({f"{name}/t2i_{k}": v for k, v in recall_at_k(sim.T).items()})
-            else:
-                info = self._cache[key][1]
-                for label in task.label_keys:
-                    if label not in split:
-                        raise KeyError(f"config.evals.{name}.label_keys: the split "
-                                       f"{task.data.name}:{task.data.split} has no label "
-                                       f"feature {label!r}")
-                    names = info.features[label].names
-                    class_emb = self._class_embeddings(
-                        params, names, _templates(task, task.data.name, label))
-                    acc = zero_shot_accuracy(split["image"], class_emb, split[label])
-                    results[f"{name}/{label}"] = acc
+                continue
+            features = self._splits[key][1].features
+            for label in task.label_keys:
+                class_emb = self._class_embeddings(params, features[label].names,
+                                                   _templates(task, label))
+                results[f"{name}/{label}"] = zero_shot_accuracy(
+                    split["image"], class_emb, split[label])
         return results
 
-    def _examples(self, data: ml_collections.ConfigDict) -> tuple[list[dict], Any]:
-        key = (data.name, data.split, data.data_dir)
-        if key not in self._cache:
-            source, info = load_split(data.name, data.split, data.data_dir)
+    def _batches(self, key: tuple) -> list[dict]:
+        """Preprocessed eval batches, cached on the host after the first pass."""
+        if key not in self._examples:
             limit = self.config.evals.max_examples
-            batches = list(eval_batches(
-                source, self.preprocess, batch_size=self.config.evals.batch_size,
+            self._examples[key] = list(eval_batches(
+                self._splits[key][0], self.preprocess, batch_size=self.config.evals.batch_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 limit=None if limit == -1 else limit))
-            self._cache[key] = (batches, info)
-        return self._cache[key]
+        return self._examples[key]
 
-    def _embed_split(self, params: Any, data: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-        batches, _ = self._examples(data)
+    def _embed_split(self, params: Any, key: tuple) -> dict[str, np.ndarray]:
+        batches = self._batches(key)
         images, texts = [], []
         for local in batches:
             batch = sharding.to_global({"image": local["image"], "tokens": local["tokens"]},
@@ -130,7 +144,10 @@ class Evaluator:
         n_dev = self.mesh.size
         padded = -(-len(tokens) // n_dev) * n_dev
         tokens = np.pad(tokens, ((0, padded - len(tokens)), (0, 0)))
+        # Every process holds all prompts; each passes its own rows of the global array.
+        rows = len(tokens) // jax.process_count()
+        local = tokens[jax.process_index() * rows:(jax.process_index() + 1) * rows]
         emb = np.asarray(sharding.to_host(self._embed_texts(
-            params, jax.device_put(tokens, sharding.batch_sharding(self.mesh)))))
+            params, sharding.to_global({"t": local}, self.mesh)["t"])))
         emb = emb[: len(prompts)].reshape(len(names), len(templates), -1).mean(axis=1)
         return emb / np.linalg.norm(emb, axis=-1, keepdims=True)

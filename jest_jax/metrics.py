@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 
@@ -69,7 +69,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 class Progress:
     """Periodic one-line progress reports: step, steps/s, ETA and chosen metrics."""
 
-    def __init__(self, total_steps: int, first_step: int, stream=sys.stdout):
+    def __init__(self, total_steps: int, first_step: int, stream: TextIO | None = None):
         self.total = total_steps
         self._last_step = first_step
         self._last_time = time.perf_counter()
@@ -89,7 +89,7 @@ class Progress:
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         if jax.process_index() == 0:
             print(f"[{step:>6}/{self.total}] {self.steps_per_sec:6.2f} steps/s "
-                  f"ETA {_duration(eta)}  {shown}", file=self._stream, flush=True)
+                  f"ETA {_duration(eta)}  {shown}", file=self._stream or sys.stdout, flush=True)
 
 
 def _fmt(value: Any) -> str:

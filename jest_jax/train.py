@@ -18,7 +18,7 @@ from flax import nnx
 from jest_jax import config as config_lib
 from jest_jax import losses, sharding
 from jest_jax.checkpoint import Checkpointer
-from jest_jax.data import load_split
+from jest_jax.data.datasets import load_split
 from jest_jax.data.pipeline import Preprocess, train_dataset
 from jest_jax.data.tokenizer import make_tokenizer
 from jest_jax.evaluate import Evaluator
@@ -48,18 +48,27 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
                                                                 optax.Schedule]:
-    """AdamW with linear warm-up then cosine decay, global-norm clipping."""
+    """AdamW with linear warm-up then cosine decay to 0, global-norm clipping.
+
+    Weight decay follows big_vision: `p -= weight_decay * (lr(t) / lr_peak) * p` per step,
+    i.e. it follows the schedule's shape but not the learning rate's size (optax's adamw
+    multiplies by lr(t), hence the division by the peak).
+    """
     o = config.optimizer
     warmup = int(round(o.warmup_fraction * config.total_steps))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, o.learning_rate, warmup_steps=warmup, decay_steps=max(config.total_steps, warmup + 1))
-    # Only projection kernels decay; embeddings, norms, biases, t' and beta do not.
-    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: str(path[-1].key).endswith("kernel"), params)
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay / o.learning_rate,
+                    mask=decay_mask))
     return tx, schedule
+
+
+def decay_mask(params: dict) -> dict:
+    """Projection kernels decay; embeddings, norms, biases, t' and beta do not."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: str(path[-1].key).endswith("kernel"), params)
 
 
 @dataclasses.dataclass
@@ -130,10 +139,42 @@ class Trainer:
                        donate_argnums=0)
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def log(message: str) -> None:
+    """Print on process 0 only (every process runs the same loop)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        print(message, flush=True)
+
+
+def open_pool(config: ml_collections.ConfigDict, field: str):
+    """Open the dataset split at config `field`; failures name the field."""
+    pool = config_lib.get_field(config, field)
+    try:
+        return load_split(pool.name, pool.split, pool.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise config_lib.ConfigError(f"config.{field}: {e}") from None
+
+
+@dataclasses.dataclass
+class Setup:
+    """What both training and standalone evaluation need, built from one config."""
+
+    config: ml_collections.ConfigDict
+    trainer: Trainer
+    preprocess: Preprocess
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Validate, build mesh/model/optimizer and open every eval split, before compiling."""
+    config_lib.validate(config, num_devices=jax.device_count())
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
+    trainer = Trainer(config, mesh, tokenizer.vocab_size)
+    evaluator = Evaluator(config, trainer, preprocess, open_pool)
+    return Setup(config, trainer, preprocess, evaluator,
+                 Checkpointer(workdir, config.checkpoint.max_to_keep))
 
 
 def _check_finite(step: int, metrics: dict[str, float], last_good: int | None,
@@ -153,35 +194,36 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     `stop_at_step` checkpoints and returns early at that step (the schedule still
     spans `total_steps`), e.g. for time-sliced jobs; re-running resumes from there.
     """
-    config_lib.validate(config, num_devices=jax.device_count())
+    s = setup(config, workdir)
+    trainer, ckpt, mesh = s.trainer, s.checkpointer, s.trainer.mesh
+    source, _ = open_pool(config, "data.train")
+    try:
+        data = train_dataset(source, s.preprocess, batch_size=config.batch_size,
+                             seed=config.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             num_threads=config.data.num_threads)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.data.train: {e}") from None
+    data_iter = iter(data)
     os.makedirs(workdir, exist_ok=True)
-    _save_config(config, workdir)
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
-    source, _ = load_split(**config.data.train)
-    data_iter = iter(train_dataset(
-        source, preprocess, batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_threads=config.data.num_threads))
-
-    trainer = Trainer(config, mesh, tokenizer.vocab_size)
-    ckpt = Checkpointer(workdir, config.checkpoint.max_to_keep)
     last_good = ckpt.latest_step()
     if last_good is not None:
         state = ckpt.restore(trainer.abstract_sharded_state(), data_iter)
-        print(f"resuming from the checkpoint at step {last_good} in {ckpt.directory}", flush=True)
+        log(f"resuming from the checkpoint at step {last_good} in {ckpt.directory}")
     else:
         state = trainer.init_state(config.seed)
     start = int(state["step"])
     writer = MetricWriter(workdir, config.logging.tensorboard)
     writer.truncate_after(start)  # drop rows a crashed run logged after its last checkpoint
-    evaluator = Evaluator(config, trainer, preprocess)
 
     step_fn = trainer.jit_train_step()
     batch = sharding.to_global(next(data_iter), mesh) if start < config.total_steps else None
-    flops_per_step = (compiled_flops(step_fn.lower(state, batch).compile())
+    # XLA reports the per-device program; the run executes it on every device.
+    flops_per_step = (compiled_flops(step_fn.lower(state, batch).compile()) * mesh.size
                       if batch is not None else float("nan"))
     progress = Progress(config.total_steps, start)
     results: dict[str, float] = {}
@@ -195,14 +237,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             writer.write(step, {**host, "steps_per_sec": progress.steps_per_sec,
                                 "flops": flops_per_step * step})
 
+    def evaluate(step: int) -> dict[str, float]:
+        out = s.evaluator.run(state["params"])
+        writer.write(step, out)
+        log(f"[{step:>6}/{config.total_steps}] eval " +
+            " ".join(f"{k}={v:.3f}" for k, v in out.items()))
+        progress.restart_clock(step)
+        return out
+
     try:
         for step in range(start + 1, config.total_steps + 1):
             state, metrics = step_fn(state, batch)
             if pending is not None:  # fetched a step late: the device is already busy
                 report(*pending)
             pending = (step, metrics)
-            final = step == config.total_steps
-            stopping = step == stop_at_step
+            final, stopping = step == config.total_steps, step == stop_at_step
             if step % config.checkpoint.every_steps == 0 or final or stopping:
                 report(*pending)  # never checkpoint a step whose loss was not checked
                 pending = None
@@ -211,19 +260,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 last_good = step
                 progress.restart_clock(step)
             if (config.evals.every_steps and step % config.evals.every_steps == 0) or final:
-                results = evaluator.run(state["params"])
-                writer.write(step, results)
-                print(f"[{step:>6}/{config.total_steps}] eval " +
-                      " ".join(f"{k}={v:.3f}" for k, v in results.items()), flush=True)
-                progress.restart_clock(step)
+                results = evaluate(step)
             if stopping and not final:
-                print(f"stopping at step {step} (stop_at_step); re-run to resume", flush=True)
+                log(f"stopping at step {step} (stop_at_step); re-run to resume")
                 break
             if not final:
                 batch = sharding.to_global(next(data_iter), mesh)
         if start >= config.total_steps:
-            print(f"already trained to step {start}; evaluating", flush=True)
-            results = evaluator.run(state["params"])
+            log(f"already trained to step {start}; evaluating the final checkpoint")
+            results = s.evaluator.run(state["params"])
     finally:
         ckpt.close()
         writer.close()
@@ -236,18 +281,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, float]:
     """Standalone evaluation of a checkpoint in `workdir` (latest unless `step` is given)."""
-    config_lib.validate(config, num_devices=jax.device_count())
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    trainer = Trainer(config, mesh, tokenizer.vocab_size)
-    ckpt = Checkpointer(workdir, config.checkpoint.max_to_keep)
-    step = ckpt.latest_step() if step is None else step
+    s = setup(config, workdir)
+    step = s.checkpointer.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}")
-    state = ckpt.restore(trainer.abstract_sharded_state(), step=step)
-    ckpt.close()
-    results = Evaluator(config, trainer, Preprocess(
-        config.data.image_size, tokenizer, config.data.text_len)).run(state["params"])
+        raise FileNotFoundError(f"no checkpoint to evaluate in {s.checkpointer.directory}")
+    state = s.checkpointer.restore(s.trainer.abstract_sharded_state(), step=step)
+    s.checkpointer.close()
+    results = s.evaluator.run(state["params"])
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
             json.dump({"step": step, **results}, f, indent=2)

@@ -48,3 +48,37 @@ def test_smoke_config_trains_and_evaluates_from_the_cli(tmp_path, data_dir):
                    "--mode", "eval"], data_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.exists(os.path.join(workdir, "eval_step20.json"))
+
+
+@pytest.mark.slow
+def test_bring_your_own_data_path_from_docs(tmp_path, data_dir):
+    """docs/data.md: write a dataset with the converter, train on it with configs/custom.py."""
+    import numpy as np
+
+    from jest_jax.data import write_image_text_dataset
+
+    def pairs(n, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            yield {"image": rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
+                   "caption": f"a photo of thing number {i}", "label": i % 2}
+
+    mine = str(tmp_path / "my_datasets")
+    write_image_text_dataset(mine, "my_pairs", {"train": pairs(100, 0), "test": pairs(20, 1)},
+                             class_names=["cat", "dog"])
+    workdir = str(tmp_path / "mine")
+    result = _run(["--workdir", workdir, "--config",
+                   f"configs/custom.py:name=my_pairs,data_dir={mine},eval_split=test,steps=4",
+                   "--config.batch_size=16", "--config.evals.batch_size=16"], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert {"zero_shot/label", "retrieval/i2t_r1"} <= set(final)
+    assert 0.0 <= final["zero_shot/label"] <= 1.0
+
+
+def test_eval_split_typo_fails_before_training(tmp_path, data_dir):
+    result = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path),
+                   "--config.evals.retrieval.data.split=evl"], data_dir)
+    assert result.returncode == 1
+    assert "error: config.evals.retrieval.data: " in result.stderr and "evl" in result.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,10 +16,15 @@ from jest_jax.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def test_short_run_lowers_loss_and_writes_outputs(tiny_config, tmp_path):
+def test_short_run_lowers_loss_and_writes_outputs(tiny_config, tmp_path, capsys):
     tiny_config.total_steps = 100
+    tiny_config.evals.every_steps = 50
     workdir = str(tmp_path / "run")
     results = train.train(tiny_config, workdir)
+    out = capsys.readouterr().out
+    assert re.search(r"\[ +100/100\] +[\d.]+ steps/s ETA 00:00 +loss=", out), out[-500:]
+    evals = [r["step"] for r in read_metrics(workdir) if "zero_shot/color" in r]
+    assert evals == [50, 100]  # periodic and final
 
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(5, 101, 5))

@@ -83,6 +83,14 @@ def _embedded_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder | No
     return builder
 
 
+def default_templates(name: str, label_key: str) -> list[str] | None:
+    """Zero-shot prompt templates an embedded dataset ships for `label_key`, else None."""
+    cls = EMBEDDED.get(_parse_name(name)[0])
+    if cls is None or not hasattr(cls, "zero_shot_templates"):
+        return None
+    return cls.zero_shot_templates(label_key)
+
+
 def _parse_name(name: str) -> tuple[str, str | None, str | None]:
     """``"ds/config:1.0.0"`` -> ``("ds", "config", "1.0.0")``, missing parts None."""
     rest, _, version = name.partition(":")

@@ -37,7 +37,7 @@ class Preprocess:
         out = {
             "image": self._image(np.asarray(record["image"])),
             "tokens": self.tokenizer.encode(record["caption"], self.text_len),
-            "index": np.int64(index),
+            "index": np.int32(index),  # int32: JAX arrays default to 32 bits
         }
         for key, value in record.items():
             value = np.asarray(value)
@@ -77,19 +77,39 @@ def train_dataset(
         raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
     local = batch_size // process_count
     order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-
-    def record_index(j: int) -> int:
-        step, k = divmod(j, local)
-        return int(order[step * batch_size + process_index * local + k])
-
     ds = (
         grain.MapDataset.range(sys.maxsize)
-        .map(record_index)
-        .map(lambda i: preprocess(source[i], i))
+        .map(_GlobalPosition(order, batch_size, local, process_index))
+        .map(_Load(source, preprocess))
         .batch(local, drop_remainder=True)
     )
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local)
+    # Buffer counts elements of the batched dataset: a couple of batches suffices.
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
     return ds.to_iter_dataset(options)
+
+
+class _GlobalPosition:
+    """This process's j-th example → record index at its place in the global stream.
+
+    Batches are consecutive runs of the stream, so a batch that crosses an epoch
+    boundary may (rarely, and only when the pool is small) hold one record twice.
+    """
+
+    def __init__(self, order: grain.MapDataset, batch_size: int, local: int, process_index: int):
+        self.order, self.batch_size, self.local, self.offset = (
+            order, batch_size, local, process_index * local)
+
+    def __call__(self, j: int) -> int:
+        step, k = divmod(j, self.local)
+        return int(self.order[step * self.batch_size + self.offset + k])
+
+
+class _Load:
+    def __init__(self, source: Any, preprocess: Preprocess):
+        self.source, self.preprocess = source, preprocess
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        return self.preprocess(self.source[index], index)
 
 
 def eval_batches(

@@ -135,6 +135,7 @@ class JestShapes(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
+    zero_shot_templates = staticmethod(zero_shot_templates)  # found via datasets.EMBEDDED
     BUILDER_CONFIGS = [
         ShapesConfig(name="default", description="40k raw, 10k curated, 1k eval."),
         ShapesConfig(name="tiny", num_raw=512, num_curated=256, num_eval=128,
@@ -199,7 +200,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 32) ->
             caption = _generic_caption(rng)
         elif kind == "corrupted_image":
             image = _corrupt_image(rng, image, pair["geometry"])
-    return {"image": _png(image), "caption": caption, "is_clean": corruption == 0,
+    return {"image": encode_png(image), "caption": caption, "is_clean": corruption == 0,
             "corruption": corruption, **attrs}
 
 
@@ -418,7 +419,8 @@ def _near_duplicate(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
-def _png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8[H, W, 3] → PNG bytes (how TFDS stores images without TensorFlow)."""
     buf = io.BytesIO()
-    PIL.Image.fromarray(image).save(buf, format="PNG")
+    PIL.Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return buf.getvalue()

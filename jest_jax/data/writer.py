@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import tensorflow_datasets as tfds
 
 from jest_jax.data.datasets import prepare_quietly, silence_tfds_noise
+from jest_jax.data.shapes import encode_png
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -115,7 +114,7 @@ def _encode_example(example: Any, class_names: list[str] | None, where: str) -> 
     if not caption.strip():
         raise ValueError(f"{where}: caption is empty")
 
-    out = {"image": _png(image), "caption": caption}
+    out = {"image": encode_png(image), "caption": caption}
     if class_names is not None:
         label = example["label"]
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
@@ -124,12 +123,6 @@ def _encode_example(example: Any, class_names: list[str] | None, where: str) -> 
             raise ValueError(f"{where}: label {label} out of range [0, {len(class_names)})")
         out["label"] = int(label)
     return out
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PIL.Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class _ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

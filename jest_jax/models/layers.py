@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Widths / depths follow the ViT naming used by SigLIP; "mu" is a CPU toy size.
+# Widths / depths follow the ViT naming used by SigLIP; "tiny" is a CPU toy size.
 VARIANTS: dict[str, dict[str, int]] = {
-    "mu": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
+    "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "M": dict(width=512, depth=12, num_heads=8, mlp_dim=2048),

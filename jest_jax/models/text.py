@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jest_jax.data.tokenizer import PAD_ID
 from jest_jax.models.layers import PARAM_DTYPE, Encoder, resolve_dtype
 from jest_jax.models.layers import variant as resolve_variant
-
-PAD_ID = 0
 
 
 class TextTransformer(nnx.Module):
