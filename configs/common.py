@@ -56,6 +56,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L
     c.model.text_variant = "tiny"
     c.model.patch_size = 4           # must divide data.image_size
+    c.model.image_pool = "gap"       # gap (token mean) | map (attention pooling, as SigLIP;
+    #                                  slower to learn for the tiny CPU model on jest_shapes)
     c.model.embed_dim = 128          # shared embedding space
     c.model.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.temperature_init = 10.0  # SigLIP: t' = log 10

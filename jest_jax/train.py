@@ -38,7 +38,7 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
         image_size=config.data.image_size, patch_size=m.patch_size,
         image_variant=m.image_variant, text_variant=m.text_variant,
         vocab_size=vocab_size, text_len=config.data.text_len, embed_dim=m.embed_dim,
-        dtype=m.dtype, temperature_init=m.temperature_init, bias_init=m.bias_init, rngs=rngs)
+        dtype=m.dtype, image_pool=m.image_pool, temperature_init=m.temperature_init, bias_init=m.bias_init, rngs=rngs)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:

@@ -156,11 +156,15 @@ def test_variant_lookup():
 
 
 def test_vit_b16_param_count_without_allocation():
-    vit = nnx.eval_shape(
-        lambda: ViT(image_size=224, patch_size=16, variant="B", out_dim=768, rngs=nnx.Rngs(0))
-    )
-    count = sum(x.size for x in jax.tree.leaves(nnx.state(vit, nnx.Param)))
-    assert 85e6 < count < 88e6, count
+    def count(pool):
+        vit = nnx.eval_shape(lambda: ViT(image_size=224, patch_size=16, variant="B",
+                                         out_dim=768, pool=pool, rngs=nnx.Rngs(0)))
+        return sum(x.size for x in jax.tree.leaves(nnx.state(vit, nnx.Param)))
+
+    assert 85e6 < count("gap") < 88e6  # ViT-B/16: ~86M
+    d, mlp = 768, 3072  # MAP head: probe, attention (4 dense), LayerNorm, MLP
+    head = d + 4 * (d * d + d) + 2 * d + (d * mlp + mlp) + (mlp * d + d)
+    assert count("map") - count("gap") == head
 
 
 def test_functional_split_merge_under_jit_and_grad(model):
@@ -188,3 +192,26 @@ def test_functional_split_merge_under_jit_and_grad(model):
         model.bias[...],
     )
     np.testing.assert_allclose(loss, direct, rtol=1e-5)
+
+
+def test_map_head_pools_over_tokens_order_free():
+    from jest_jax.models.layers import MAPHead
+
+    head = MAPHead(16, 2, 32, jnp.float32, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 10, 16))
+    perm = jax.random.permutation(jax.random.key(2), 10)
+    out = head(x)
+    assert out.shape == (3, 16)
+    np.testing.assert_allclose(head(x[:, perm]), out, rtol=1e-5, atol=1e-6)
+    # A single-token input attends to that token only: the pooled value depends on it.
+    assert not np.allclose(head(x[:, :1]), head(x[:, 1:2]))
+
+
+def test_vit_gap_pooling_option():
+    vit = ViT(image_size=16, patch_size=4, variant="tiny", out_dim=8, pool="gap",
+              rngs=nnx.Rngs(0))
+    assert vit.map_head is None
+    assert vit(jnp.zeros((2, 16, 16, 3))).shape == (2, 8)
+    with pytest.raises(ValueError, match="pool must be 'map' or 'gap'"):
+        ViT(image_size=16, patch_size=4, variant="tiny", out_dim=8, pool="cls",
+            rngs=nnx.Rngs(0))

@@ -68,8 +68,8 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     return resolved
 
 
-class SelfAttention(nnx.Module):
-    """Multi-head self-attention with an optional key-padding mask.
+class Attention(nnx.Module):
+    """Multi-head attention (self, or from `x` to a `context`) with a key-padding mask.
 
     Written out (rather than ``nnx.MultiHeadAttention``) so every kernel is a
     2-D ``[in, out]`` matrix and every bias 1-D: weight-decay masks and
@@ -89,11 +89,14 @@ class SelfAttention(nnx.Module):
         self.value = nnx.Linear(width, width, **linear)
         self.out = nnx.Linear(width, width, **linear)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``x: [B, T, width]``, ``mask: bool[B, T]`` (True = valid key)."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 context: jax.Array | None = None) -> jax.Array:
+        """Queries from ``x: [B, T, width]``, keys/values from ``context: [B, S, width]``
+        (default ``x``); ``mask: bool[B, S]`` (True = valid key)."""
+        context = x if context is None else context
         batch, length, width = x.shape
-        heads = lambda y: y.reshape(batch, length, self.num_heads, width // self.num_heads)
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        heads = lambda y: y.reshape(batch, y.shape[1], self.num_heads, width // self.num_heads)
+        q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
         attn_mask = None if mask is None else mask[:, None, None, :]
         # Logits and softmax run in float32 inside, whatever the compute dtype.
         y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
@@ -106,7 +109,7 @@ class EncoderBlock(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_dim: int, dtype: Any, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
         self.ln_attn = nnx.LayerNorm(width, **common)
-        self.attn = SelfAttention(width, num_heads, dtype, rngs)
+        self.attn = Attention(width, num_heads, dtype, rngs)
         self.ln_mlp = nnx.LayerNorm(width, **common)
         mlp_init = dict(
             kernel_init=nnx.initializers.xavier_uniform(),
@@ -119,6 +122,27 @@ class EncoderBlock(nnx.Module):
         x = x + self.attn(self.ln_attn(x), mask)
         h = jax.nn.gelu(self.mlp_in(self.ln_mlp(x)))
         return x + self.mlp_out(h)
+
+
+class MAPHead(nnx.Module):
+    """Multi-head attention pooling: a learned probe attends over the tokens (SigLIP's
+    image pooling). Unlike a mean, it can attend to a small object and ignore background."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, dtype: Any, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+        self.probe = nnx.Param(nnx.initializers.xavier_uniform()(
+            rngs.params(), (1, width), PARAM_DTYPE))
+        self.attn = Attention(width, num_heads, dtype, rngs)
+        self.ln = nnx.LayerNorm(width, **common)
+        self.mlp_in = nnx.Linear(width, mlp_dim, **common)
+        self.mlp_out = nnx.Linear(mlp_dim, width, **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x: [B, T, width]`` → ``[B, width]``."""
+        probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        y = self.attn(probe, context=x)
+        y = y + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln(y))))
+        return y[:, 0]
 
 
 class Encoder(nnx.Module):

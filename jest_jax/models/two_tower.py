@@ -38,6 +38,7 @@ class TwoTower(nnx.Module):
         text_len: int,
         embed_dim: int,
         dtype: Any = jnp.float32,
+        image_pool: str = "map",
         temperature_init: float = 10.0,
         bias_init: float = -10.0,
         rngs: nnx.Rngs,
@@ -49,6 +50,7 @@ class TwoTower(nnx.Module):
             variant=image_variant,
             out_dim=embed_dim,
             dtype=dtype,
+            pool=image_pool,
             rngs=rngs,
         )
         self.text = TextTransformer(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jest_jax.models.layers import PARAM_DTYPE, Encoder, resolve_dtype
+from jest_jax.models.layers import PARAM_DTYPE, Encoder, MAPHead, resolve_dtype
 from jest_jax.models.layers import variant as resolve_variant
 
 
@@ -45,7 +45,8 @@ def resize_patch_embedding(kernel: jax.Array, new_patch_size: int) -> jax.Array:
 
 
 class ViT(nnx.Module):
-    """Vision transformer with mean pooling and a linear head; FlexiViT-ready."""
+    """Vision transformer with attention ("map") or mean ("gap") pooling and a linear head;
+    FlexiViT-ready."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class ViT(nnx.Module):
         variant: str | dict,
         out_dim: int,
         dtype: Any = jnp.float32,
+        pool: str = "map",
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
@@ -78,6 +80,10 @@ class ViT(nnx.Module):
             )
         )
         self.encoder = Encoder(dtype=self.dtype, rngs=rngs, **cfg)
+        if pool not in ("map", "gap"):
+            raise ValueError(f"pool must be 'map' or 'gap', got {pool!r}.")
+        self.map_head = (MAPHead(width, cfg["num_heads"], cfg["mlp_dim"], self.dtype, rngs)
+                         if pool == "map" else None)
         self.head = nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
     def __call__(self, images: jax.Array, patch_size: int | None = None) -> jax.Array:
@@ -105,5 +111,8 @@ class ViT(nnx.Module):
         x = (x + pos.astype(self.dtype)).reshape(batch, gh * gw, dim)
 
         x = self.encoder(x)
-        pooled = x.astype(jnp.float32).mean(axis=1)
+        if self.map_head is not None:
+            pooled = self.map_head(x)
+        else:  # the mean in float32: bf16 sums over many tokens lose precision
+            pooled = x.astype(jnp.float32).mean(axis=1)
         return self.head(pooled).astype(jnp.float32)
