@@ -40,6 +40,7 @@ def pool(name: str = "jest_shapes", split: str = "curated", data_dir: str = DATA
 
 
 def get_base_config() -> ml_collections.ConfigDict:
+    """Every field with its default; experiment configs override what differs."""
     c = ml_collections.ConfigDict()
     c.seed = 0                       # params, data order and selection all derive from it
     c.batch_size = 128               # global batch the learner trains on per step

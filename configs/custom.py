@@ -8,10 +8,13 @@ classification on its `label` feature when `zero_shot=True` (the dataset must th
 class names). Every other field is as in `configs/common.py` and can be overridden.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Args: name, data_dir, train_split, eval_split, zero_shot, steps, image_size."""
     arg = common.parse_arg(arg, name="", data_dir=common.DATA_DIR, train_split="train",
                            eval_split="test", zero_shot=True, steps=1000, image_size=32)
     if not arg.name:

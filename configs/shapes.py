@@ -9,10 +9,13 @@
 a check that the whole path runs.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Args: stage=reference|learner, steps=N, runlocal=True|False."""
     arg = common.parse_arg(arg, stage="reference", steps=1000, runlocal=False)
     if arg.stage not in ("reference", "learner"):
         raise ValueError(f"configs/shapes.py: stage={arg.stage!r}; use reference or learner")

@@ -3,10 +3,13 @@
     python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The smoke config; `steps=N` sets its length."""
     arg = common.parse_arg(arg, steps=60)
     c = common.get_base_config()
     c.batch_size = 64

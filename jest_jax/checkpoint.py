@@ -18,9 +18,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
+        """Save asynchronously (arrays are copied to host first, so donation is safe)."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)

@@ -34,6 +34,7 @@ def recall_at_k(similarity: np.ndarray, ks: tuple[int, ...] = RECALL_AT) -> dict
 
 
 def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of nearest class embedding (rows are unit-norm embeddings)."""
     return float(np.mean(np.argmax(image_emb @ class_emb.T, axis=1) == labels))
 
 

@@ -34,6 +34,7 @@ def mesh_shape(axes: Sequence[str], shape: Sequence[int], num_devices: int) -> t
 
 
 def make_mesh(axes: Sequence[str], shape: Sequence[int]) -> Mesh:
+    """A mesh over all devices with named `axes` (one `shape` entry may be -1)."""
     devices = jax.devices()
     resolved = mesh_shape(axes, shape, len(devices))
     return Mesh(np.asarray(devices).reshape(resolved), tuple(axes))
@@ -45,6 +46,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of the mesh."""
     return NamedSharding(mesh, P())
 
 

@@ -38,7 +38,8 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
         image_size=config.data.image_size, patch_size=m.patch_size,
         image_variant=m.image_variant, text_variant=m.text_variant,
         vocab_size=vocab_size, text_len=config.data.text_len, embed_dim=m.embed_dim,
-        dtype=m.dtype, image_pool=m.image_pool, temperature_init=m.temperature_init, bias_init=m.bias_init, rngs=rngs)
+        dtype=m.dtype, image_pool=m.image_pool, temperature_init=m.temperature_init,
+        bias_init=m.bias_init, rngs=rngs)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -101,6 +102,7 @@ class Trainer:
         return init(jax.random.key(seed))
 
     def abstract_sharded_state(self) -> State:
+        """Shapes, dtypes and shardings of the state: the restore target for orbax."""
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_sharding)
 
@@ -109,9 +111,11 @@ class Trainer:
         return nnx.merge(self.graphdef, params).embed_images(normalize_images(images))
 
     def embed_texts(self, params: dict, tokens: jax.Array) -> jax.Array:
+        """int32 tokens (0 = pad) → L2-normalised float32 embeddings."""
         return nnx.merge(self.graphdef, params).embed_texts(tokens)
 
     def loss(self, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
+        """The configured contrastive loss of a batch."""
         img = self.embed_images(params, batch["image"])
         txt = self.embed_texts(params, batch["tokens"])
         if self.config.loss.name == "softmax":
@@ -119,6 +123,7 @@ class Trainer:
         return losses.sigmoid_loss(img, txt, params["log_temperature"], params["bias"])
 
     def train_step(self, state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
+        """One AdamW update on `batch`; returns the new state and scalar metrics."""
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -132,6 +137,7 @@ class Trainer:
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def jit_train_step(self) -> Callable:
+        """`train_step` compiled with explicit shardings; the input state is donated."""
         batch_sharding = sharding.batch_sharding(self.mesh)
         return jax.jit(self.train_step,
                        in_shardings=(self.state_sharding, batch_sharding),
