@@ -59,17 +59,22 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("field,value,message", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
-def test_invalid_config_fails_with_its_message(field, value, message):
+def _smoke_with(field: str, value):
+    """The smoke config with dotted `field` set to `value`."""
     config = smoke.get_config()
     config.unlock()
-    node = config
     *parents, leaf = field.split(".")
+    node = config
     for p in parents:
         node = node[p]
     node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("field,value,message", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_config_fails_with_its_message(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        validate(config, num_devices=8)
+        validate(_smoke_with(field, value), num_devices=8)
 
 
 def test_unknown_top_level_field_is_named():
@@ -83,14 +88,7 @@ def test_unknown_top_level_field_is_named():
 def test_messages_are_distinct():
     messages = set()
     for field, value, _ in INVALID:
-        config = smoke.get_config()
-        config.unlock()
-        node = config
-        *parents, leaf = field.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
         with pytest.raises(ConfigError) as err:
-            validate(config, num_devices=8)
+            validate(_smoke_with(field, value), num_devices=8)
         messages.add(str(err.value))
     assert len(messages) == len(INVALID)
