@@ -151,7 +151,7 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def open_pool(config: ml_collections.ConfigDict, field: str):
+def open_pool(config: ml_collections.ConfigDict, field: str) -> tuple[Any, Any]:
     """Open the dataset split at config `field`; failures name the field."""
     pool = config_lib.get_field(config, field)
     try:
@@ -164,7 +164,6 @@ def open_pool(config: ml_collections.ConfigDict, field: str):
 class Setup:
     """What both training and standalone evaluation need, built from one config."""
 
-    config: ml_collections.ConfigDict
     trainer: Trainer
     preprocess: Preprocess
     evaluator: Evaluator
@@ -179,7 +178,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
     trainer = Trainer(config, mesh, tokenizer.vocab_size)
     evaluator = Evaluator(config, trainer, preprocess, open_pool)
-    return Setup(config, trainer, preprocess, evaluator,
+    return Setup(trainer, preprocess, evaluator,
                  Checkpointer(workdir, config.checkpoint.max_to_keep))
 
 
