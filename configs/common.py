@@ -76,7 +76,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 1.0      # global gradient-norm clipping
 
     c.selection = ml_collections.ConfigDict()
-    c.selection.method = "uniform"   # uniform: train on the batch as drawn (plain SigLIP)
+    c.selection.method = "uniform"   # uniform (plain SigLIP) | independent | joint (JEST)
+    c.selection.criterion = "learnability"  # learnability | hard_learner | easy_reference,
+    #                                  or your own "package.module:function" (docs/selection.md)
+    c.selection.filter_ratio = 0.0   # f: each step draws N = batch_size / (1 - f) candidates
+    #                                  and trains on batch_size of them (paper: 0.8)
+    c.selection.num_chunks = 16      # joint: the batch is drawn in this many chunks (paper: 16)
+    c.selection.score_gain = 1.0     # g: sampling p ∝ exp(g * score) (joint; independent/sample)
+    c.selection.sampling = "topk"    # independent: topk (deterministic) | sample (∝ exp(g*s))
+    c.selection.implementation = "auto"  # dense (N×N scores) | matrix_free | auto (dense up
+    #                                      to 4096 candidates)
+    c.selection.score_patch_size = 0  # Flexi-JEST: score with the learner at this patch size
+    #                                   (0: model.patch_size); must divide data.image_size
+    c.selection.reference = ml_collections.ConfigDict()
+    c.selection.reference.workdir = ""    # a reference run's workdir; its latest checkpoint is
+    #                                       loaded frozen. Needed by criteria using a reference
+    c.selection.reference.cache_dir = ""  # reference embeddings of data.train, made by
+    #                                       `--mode cache`; "" runs the reference every step
 
     c.evals = ml_collections.ConfigDict()
     c.evals.every_steps = 100        # 0: only at the end (always at the end)

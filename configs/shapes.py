@@ -1,12 +1,20 @@
-"""SigLIP on the embedded `jest_shapes` data: the reference or the learner stage.
+"""SigLIP and JEST on the embedded `jest_shapes` data: the reference or a learner stage.
 
-    # reference model, trained on the clean curated pool
+    # 1. reference model, trained on the clean curated pool
     python -m jest_jax.main --config configs/shapes.py:stage=reference --workdir runs/ref
-    # learner, trained on the noisy raw pool (uniform sampling = plain SigLIP)
-    python -m jest_jax.main --config configs/shapes.py:stage=learner --workdir runs/learner
+    # 2. learner on the noisy raw pool; uniform sampling = plain SigLIP
+    python -m jest_jax.main --config configs/shapes.py:stage=learner --workdir runs/uniform
+    # 3. JEST learner: joint selection by learnability against the reference of step 1
+    python -m jest_jax.main --workdir runs/jest \\
+        --config configs/shapes.py:stage=learner,method=joint,reference=runs/ref
+    #    ... or with the reference embeddings cached once (no reference forward passes)
+    JEST=configs/shapes.py:stage=learner,method=joint,reference=runs/ref,cache=runs/ref/cache
+    python -m jest_jax.main --config $JEST --mode cache
+    python -m jest_jax.main --config $JEST --workdir runs/jest
 
-`steps=N` changes the length; `runlocal=True` switches to the tiny dataset and 30 steps,
-a check that the whole path runs.
+`method` is uniform | independent | joint, `criterion` any registered name or
+"module:function", `filter` the filtering ratio f. `steps=N` changes the length;
+`runlocal=True` switches to the tiny dataset and 30 steps, a check that the path runs.
 """
 
 import ml_collections
@@ -15,8 +23,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Args: stage=reference|learner, steps=N, runlocal=True|False."""
-    arg = common.parse_arg(arg, stage="reference", steps=1000, runlocal=False)
+    """Args: stage=reference|learner, method, criterion, filter, reference, cache, steps,
+    runlocal."""
+    arg = common.parse_arg(arg, stage="reference", method="uniform", criterion="learnability",
+                           filter=0.8, reference="", cache="", steps=1000, runlocal=False)
     if arg.stage not in ("reference", "learner"):
         raise ValueError(f"configs/shapes.py: stage={arg.stage!r}; use reference or learner")
     c = common.get_base_config()
@@ -29,6 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.text_len = 32
     c.model.patch_size = 4
     c.optimizer.learning_rate = 1e-3
+    c.selection.method = arg.method
+    c.selection.criterion = arg.criterion
+    # Plain SigLIP draws just the batch; selection methods draw N = 64 / (1 - f).
+    c.selection.filter_ratio = 0.0 if arg.method == "uniform" else arg.filter
+    c.selection.reference.workdir = arg.reference
+    c.selection.reference.cache_dir = arg.cache
     c.evals.every_steps = 10 if arg.runlocal else 200
     c.evals.zero_shot.data = common.pool(dataset, "eval")
     c.evals.retrieval.data = common.pool(dataset, "eval")

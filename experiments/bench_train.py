@@ -17,7 +17,7 @@ import numpy as np
 from configs import shapes, smoke
 from jest_jax import sharding
 from jest_jax.metrics import compiled_flops
-from jest_jax.train import Trainer
+from jest_jax.trainer import Trainer
 
 
 def bench(config, steps: int) -> dict[str, float]:

@@ -11,13 +11,14 @@ from typing import Any
 
 import ml_collections
 
+from jest_jax import criteria
 from jest_jax.models import VARIANTS
+from jest_jax.scoring import IMPLEMENTATIONS, METHODS, super_batch_size
 
 TOP_LEVEL = {"seed", "batch_size", "total_steps", "data", "model", "loss", "optimizer",
              "selection", "evals", "mesh", "checkpoint", "logging"}
 EVAL_KINDS = ("zero_shot", "retrieval")
 EVAL_OPTIONS = ("every_steps", "batch_size", "max_examples")
-SELECTION_METHODS = ("uniform",)
 
 
 class ConfigError(ValueError):
@@ -105,7 +106,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _float(config, "optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
     _float(config, "optimizer.clip_norm", lambda v: v > 0, "must be > 0")
 
-    _choice(config, "selection.method", SELECTION_METHODS)
+    super_batch = _selection(config, batch, image_size)
 
     _int(config, "evals.every_steps", 0)
     _int(config, "evals.batch_size", 1)
@@ -141,6 +142,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(str(e)) from None
         _check(batch % num_devices == 0, "batch_size", batch,
                f"must be divisible by the {num_devices} devices of the mesh")
+        _check(super_batch % num_devices == 0, "selection.filter_ratio",
+               config.selection.filter_ratio, f"gives a super-batch of {super_batch}, which "
+               f"must be divisible by the {num_devices} devices of the mesh")
         eval_batch = config.evals.batch_size
         _check(eval_batch % num_devices == 0, "evals.batch_size", eval_batch,
                f"must be divisible by the {num_devices} devices of the mesh")
@@ -148,3 +152,42 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _int(config, "checkpoint.every_steps", 1)
     _int(config, "checkpoint.max_to_keep", 1)
     _int(config, "logging.every_steps", 1)
+
+
+def _selection(config, batch: int, image_size: int) -> int:
+    """Check `config.selection`; returns the super-batch size N."""
+    method = _choice(config, "selection.method", METHODS)
+    ratio = _float(config, "selection.filter_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    try:
+        super_batch = super_batch_size(batch, ratio)
+    except ValueError as e:
+        raise ConfigError(f"config.selection.filter_ratio={ratio!r} is invalid: {e}; choose "
+                          "f so that batch_size / (1 - f) is a whole number") from None
+    chunks = _int(config, "selection.num_chunks", 1)
+    if method == "joint":
+        _check(batch % chunks == 0, "selection.num_chunks", chunks,
+               f"must divide batch_size={batch}")
+    _float(config, "selection.score_gain", lambda v: abs(v) < float("inf"), "must be finite")
+    _choice(config, "selection.sampling", ("topk", "sample"))
+    _choice(config, "selection.implementation", IMPLEMENTATIONS)
+    patch = _int(config, "selection.score_patch_size", 0)
+    _check(patch == 0 or image_size % patch == 0, "selection.score_patch_size", patch,
+           f"must be 0 or divide data.image_size={image_size}")
+    name = get_field(config, "selection.criterion")
+    try:
+        criterion = criteria.get(name)
+    except ValueError as e:
+        raise ConfigError(f"config.selection.criterion={name!r} is invalid: {e}") from None
+    for key in ("workdir", "cache_dir"):
+        value = get_field(config, f"selection.reference.{key}")
+        _check(isinstance(value, str), f"selection.reference.{key}", value, "must be a string")
+    if method != "uniform" and criteria.needs_reference(criterion):
+        workdir = config.selection.reference.workdir
+        _check(workdir != "", "selection.reference.workdir", workdir,
+               f"criterion {name!r} needs a reference model: give the workdir of a run "
+               "trained on curated data")
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        _check(os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)),
+               "selection.reference.workdir", workdir,
+               "has no checkpoint; train the reference there first")
+    return super_batch

@@ -7,7 +7,6 @@ first pass, and embeddings are computed with the same mesh as training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -16,11 +15,11 @@ import numpy as np
 
 from jest_jax import sharding
 from jest_jax.config import ConfigError
-from jest_jax.data.datasets import default_templates
+from jest_jax.data.datasets import default_templates, open_pool
 from jest_jax.data.pipeline import Preprocess, eval_batches
 
 if TYPE_CHECKING:
-    from jest_jax.train import Trainer
+    from jest_jax.trainer import Trainer
 
 GENERIC_TEMPLATES = ("a photo of a {}.", "{}")
 RECALL_AT = (1, 5, 10)
@@ -53,13 +52,11 @@ class Evaluator:
     """Runs every task of `config.evals` on a set of params.
 
     Every eval split is opened, and its label keys checked, when the evaluator is built:
-    a typo fails before training, not after it. `open_pool(config, field)` opens the split
-    at a config field and reports errors against that field.
+    a typo fails before training, not after it; errors name the config field.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer,
-                 preprocess: Preprocess,
-                 open_pool: Callable[[ml_collections.ConfigDict, str], tuple[Any, Any]]):
+                 preprocess: Preprocess):
         self.config = config
         self.preprocess = preprocess
         self.mesh = trainer.mesh

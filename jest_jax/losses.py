@@ -27,12 +27,13 @@ def pair_losses_block(
     ``pair_ij = -log_sigmoid(z_ij * (exp(t') <x_i, y_j> + β))`` with ``z = +1``
     where ``is_positive`` and ``-1`` elsewhere. Shapes: ``img_rows f32[M, D]``,
     ``txt_cols f32[K, D]``, ``is_positive bool[M, K]`` -> ``f32[M, K]``.
-    Computed in float32 whatever the input dtype.
+    Computed in float32 at least (bfloat16 inputs are upcast; float64 stays float64).
     """
-    img = img_rows.astype(jnp.float32)
-    txt = txt_cols.astype(jnp.float32)
-    scale = jnp.exp(jnp.asarray(log_temperature, jnp.float32))
-    logits = scale * (img @ txt.T) + jnp.asarray(bias, jnp.float32)
+    dtype = jnp.result_type(img_rows.dtype, txt_cols.dtype, jnp.float32)
+    img = img_rows.astype(dtype)
+    txt = txt_cols.astype(dtype)
+    scale = jnp.exp(jnp.asarray(log_temperature, dtype))
+    logits = scale * (img @ txt.T) + jnp.asarray(bias, dtype)
     signs = jnp.where(is_positive, 1.0, -1.0)
     return -jax.nn.log_sigmoid(signs * logits)
 

@@ -4,6 +4,9 @@
     python -m jest_jax.main --config configs/shapes.py:stage=learner --workdir runs/learner \\
         --config.total_steps=1000
     python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke --mode eval
+    # reference embeddings of data.train, computed once (see configs/shapes.py)
+    python -m jest_jax.main --config configs/shapes.py:stage=learner,method=joint,\
+reference=runs/ref,cache=runs/ref/cache --mode cache
 
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
@@ -20,29 +23,38 @@ from jest_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train: train or resume; eval: evaluate the latest checkpoint.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go "
+                                "(train and eval modes).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cache"],
+                          "train: train or resume; eval: evaluate the latest checkpoint; "
+                          "cache: embed data.train with the reference into "
+                          "selection.reference.cache_dir.")
 _STEP = flags.DEFINE_integer("step", None, "eval mode: the checkpoint step (default latest).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" chatter
     config = _CONFIG.value
     try:
         config_lib.validate(config)  # device-independent checks, before JAX initialises
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
+    if _MODE.value != "cache" and not _WORKDIR.value:
+        sys.exit(f"error: --workdir is required in {_MODE.value} mode")
 
     from jest_jax import train  # imports JAX; kept after validation so bad configs fail fast
 
     try:
         if _MODE.value == "train":
             results = train.train(config, _WORKDIR.value)
-        else:
+        elif _MODE.value == "eval":
             results = train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+        else:
+            train.cache_reference(config)
+            return
     except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     for name, value in sorted(results.items()):

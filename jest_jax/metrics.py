@@ -13,6 +13,12 @@ from typing import Any, TextIO
 import jax
 
 
+def log(message: str) -> None:
+    """Print on process 0 only (every process runs the same loop)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl` and
     mirrors scalars to TensorBoard event files. Only process 0 writes."""

@@ -9,155 +9,23 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
 from jest_jax import config as config_lib
-from jest_jax import losses, sharding
+from jest_jax import reference as reference_lib
+from jest_jax import sharding
 from jest_jax.checkpoint import Checkpointer
-from jest_jax.data.datasets import load_split
+from jest_jax.data.datasets import open_pool
 from jest_jax.data.pipeline import Preprocess, train_dataset
 from jest_jax.data.tokenizer import make_tokenizer
 from jest_jax.evaluate import Evaluator
-from jest_jax.metrics import MetricWriter, Progress, compiled_flops
-from jest_jax.models import TwoTower
-
-State = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32[]}
+from jest_jax.metrics import MetricWriter, Progress, compiled_flops, log
+from jest_jax.trainer import Trainer
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/Inf; the message names the step and the last good checkpoint."""
-
-
-def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> TwoTower:
-    m = config.model
-    return TwoTower(
-        image_size=config.data.image_size, patch_size=m.patch_size,
-        image_variant=m.image_variant, text_variant=m.text_variant,
-        vocab_size=vocab_size, text_len=config.data.text_len, embed_dim=m.embed_dim,
-        dtype=m.dtype, image_pool=m.image_pool, temperature_init=m.temperature_init,
-        bias_init=m.bias_init, rngs=rngs)
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] → float32 [-1, 1], on device so hosts ship bytes, not floats."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                optax.Schedule]:
-    """AdamW with linear warm-up then cosine decay to 0, global-norm clipping.
-
-    Weight decay follows big_vision: `p -= weight_decay * (lr(t) / lr_peak) * p` per step,
-    i.e. it follows the schedule's shape but not the learning rate's size (optax's adamw
-    multiplies by lr(t), hence the division by the peak).
-    """
-    o = config.optimizer
-    warmup = int(round(o.warmup_fraction * config.total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, o.learning_rate, warmup_steps=warmup, decay_steps=max(config.total_steps, warmup + 1))
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay / o.learning_rate,
-                    mask=decay_mask))
-    return tx, schedule
-
-
-def decay_mask(params: dict) -> dict:
-    """Projection kernels decay; embeddings, norms, biases, t' and beta do not."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(path[-1].key).endswith("kernel"), params)
-
-
-@dataclasses.dataclass
-class Trainer:
-    """Model, optimizer and mesh for one config; builds sharded state and the jitted step."""
-
-    config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
-    vocab_size: int
-
-    def __post_init__(self):
-        self.tx, self.schedule = make_optimizer(self.config)
-        abstract_model = nnx.eval_shape(
-            lambda: create_model(self.config, self.vocab_size, nnx.Rngs(0)))
-        self.graphdef, _ = nnx.split(abstract_model, nnx.Param)
-        self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
-        # Replicated everywhere for now; FSDP rules plug in here.
-        self.state_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh),
-                                           self.abstract_state)
-
-    def _init(self, key: jax.Array) -> State:
-        model = create_model(self.config, self.vocab_size, nnx.Rngs(key))
-        params = nnx.state(model, nnx.Param).to_pure_dict()
-        return {"params": params, "opt_state": self.tx.init(params),
-                "step": jnp.zeros((), jnp.int32)}
-
-    def init_state(self, seed: int) -> State:
-        """Fresh state, created directly with its final sharding."""
-        init = jax.jit(self._init, out_shardings=self.state_sharding)
-        return init(jax.random.key(seed))
-
-    def abstract_sharded_state(self) -> State:
-        """Shapes, dtypes and shardings of the state: the restore target for orbax."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state, self.state_sharding)
-
-    def embed_images(self, params: dict, images: jax.Array) -> jax.Array:
-        """uint8 images → L2-normalised float32 embeddings."""
-        return nnx.merge(self.graphdef, params).embed_images(normalize_images(images))
-
-    def embed_texts(self, params: dict, tokens: jax.Array) -> jax.Array:
-        """int32 tokens (0 = pad) → L2-normalised float32 embeddings."""
-        return nnx.merge(self.graphdef, params).embed_texts(tokens)
-
-    def loss(self, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
-        """The configured contrastive loss of a batch."""
-        img = self.embed_images(params, batch["image"])
-        txt = self.embed_texts(params, batch["tokens"])
-        if self.config.loss.name == "softmax":
-            return losses.softmax_loss(img, txt, params["log_temperature"])
-        return losses.sigmoid_loss(img, txt, params["log_temperature"], params["bias"])
-
-    def train_step(self, state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
-        """One AdamW update on `batch`; returns the new state and scalar metrics."""
-        loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "learning_rate": self.schedule(state["step"]),
-            "temperature": jnp.exp(params["log_temperature"]),
-            "bias": params["bias"],
-        }
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    def jit_train_step(self) -> Callable:
-        """`train_step` compiled with explicit shardings; the input state is donated."""
-        batch_sharding = sharding.batch_sharding(self.mesh)
-        return jax.jit(self.train_step,
-                       in_shardings=(self.state_sharding, batch_sharding),
-                       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                       donate_argnums=0)
-
-
-def log(message: str) -> None:
-    """Print on process 0 only (every process runs the same loop)."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def open_pool(config: ml_collections.ConfigDict, field: str) -> tuple[Any, Any]:
-    """Open the dataset split at config `field`; failures name the field."""
-    pool = config_lib.get_field(config, field)
-    try:
-        return load_split(pool.name, pool.split, pool.data_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise config_lib.ConfigError(f"config.{field}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -168,18 +36,23 @@ class Setup:
     preprocess: Preprocess
     evaluator: Evaluator
     checkpointer: Checkpointer
+    reference: Any = dataclasses.field(default_factory=dict)  # the train step's `reference`
+    attach: Callable[[int], dict] | None = None  # per-example extras (reference cache)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Validate, build mesh/model/optimizer and open every eval split, before compiling."""
+def setup(config: ml_collections.ConfigDict, workdir: str, selection: bool = True) -> Setup:
+    """Validate, build mesh/model/optimizer, open every eval split and (with `selection`)
+    load the reference, all before compiling."""
     config_lib.validate(config, num_devices=jax.device_count())
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
     tokenizer = make_tokenizer(config.data.tokenizer)
     preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
     trainer = Trainer(config, mesh, tokenizer.vocab_size)
-    evaluator = Evaluator(config, trainer, preprocess, open_pool)
-    return Setup(trainer, preprocess, evaluator,
-                 Checkpointer(workdir, config.checkpoint.max_to_keep))
+    evaluator = Evaluator(config, trainer, preprocess)
+    s = Setup(trainer, preprocess, evaluator, Checkpointer(workdir, config.checkpoint.max_to_keep))
+    if selection:
+        trainer.scorer, s.reference, s.attach = reference_lib.make_scorer(config, trainer)
+    return s
 
 
 def _check_finite(step: int, metrics: dict[str, float], last_good: int | None,
@@ -202,8 +75,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     s = setup(config, workdir)
     trainer, ckpt, mesh = s.trainer, s.checkpointer, s.trainer.mesh
     source, _ = open_pool(config, "data.train")
+    # With selection, the pipeline delivers super-batches of N candidates.
+    draw = trainer.scorer.spec.num_candidates if trainer.scorer else config.batch_size
     try:
-        data = train_dataset(source, s.preprocess, batch_size=config.batch_size,
+        data = train_dataset(source, s.preprocess, batch_size=draw, attach=s.attach,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(),
                              num_threads=config.data.num_threads)
@@ -228,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     step_fn = trainer.jit_train_step()
     batch = sharding.to_global(next(data_iter), mesh) if start < config.total_steps else None
     # XLA reports the per-device program; the run executes it on every device.
-    flops_per_step = (compiled_flops(step_fn.lower(state, batch).compile()) * mesh.size
+    flops_per_step = (compiled_flops(step_fn.lower(state, batch, s.reference).compile()) * mesh.size
                       if batch is not None else float("nan"))
     progress = Progress(config.total_steps, start)
     results: dict[str, float] = {}
@@ -238,7 +113,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(step, host, last_good, ckpt.directory)
         if step % config.logging.every_steps == 0 or step == config.total_steps:
-            progress.update(step, {"loss": host["loss"]})
+            shown = {"loss": host["loss"]}
+            if "selection/clean_selected" in host:
+                shown["clean"] = host["selection/clean_selected"]
+            progress.update(step, shown)
             writer.write(step, {**host, "steps_per_sec": progress.steps_per_sec,
                                 "flops": flops_per_step * step})
 
@@ -252,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     try:
         for step in range(start + 1, config.total_steps + 1):
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, s.reference)
             if pending is not None:  # fetched a step late: the device is already busy
                 report(*pending)
             pending = (step, metrics)
@@ -286,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, float]:
     """Standalone evaluation of a checkpoint in `workdir` (latest unless `step` is given)."""
-    s = setup(config, workdir)
+    s = setup(config, workdir, selection=False)
     step = s.checkpointer.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint to evaluate in {s.checkpointer.directory}")
@@ -297,3 +175,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
         with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
             json.dump({"step": step, **results}, f, indent=2)
     return results
+
+
+def cache_reference(config: ml_collections.ConfigDict) -> str:
+    """`--mode cache`: reference embeddings of `data.train` into `selection.reference.cache_dir`."""
+    config_lib.validate(config, num_devices=jax.device_count())
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    return reference_lib.write_cache(config, mesh)

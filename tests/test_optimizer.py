@@ -9,7 +9,7 @@ import optax
 
 from configs import smoke
 from jest_jax import sharding
-from jest_jax.train import Trainer, decay_mask, make_optimizer
+from jest_jax.trainer import Trainer, decay_mask, make_optimizer
 
 
 def _config(total=100, warmup=0.1, lr=2e-3, wd=1e-4):

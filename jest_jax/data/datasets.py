@@ -16,6 +16,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jest_jax import config as config_lib
 from jest_jax.data.shapes import JestShapes
 
 # Builders that ship with jest_jax and are generated locally, without download.
@@ -53,6 +54,16 @@ def load_split(
     builder = _embedded_builder(name, data_dir) or _prepared_builder(name, data_dir)
     _check_split(name, split, builder.info)
     return builder.as_data_source(split=split), builder.info
+
+
+def open_pool(config: Any, field: str) -> tuple[Sequence[dict[str, Any]],
+                                                tfds.core.DatasetInfo]:
+    """`load_split` of the pool at config `field` ("data.train"); failures name the field."""
+    pool = config_lib.get_field(config, field)
+    try:
+        return load_split(pool.name, pool.split, pool.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise config_lib.ConfigError(f"config.{field}: {e}") from None
 
 
 def _embedded_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder | None:

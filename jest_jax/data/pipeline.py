@@ -9,7 +9,7 @@ any number of processes, and the iterator state is a single position: checkpoint
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
@@ -66,8 +66,12 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 2,
+    attach: Callable[[int], dict[str, np.ndarray]] | None = None,
 ) -> grain.IterDataset:
-    """Infinite, shuffled (reshuffled each epoch) batches of this process's share."""
+    """Infinite, shuffled (reshuffled each epoch) batches of this process's share.
+
+    `attach(record_index)` adds per-example arrays (e.g. cached reference embeddings).
+    """
     if len(source) < batch_size:
         raise ValueError(
             f"the training pool has {len(source)} examples, fewer than one global batch of "
@@ -80,7 +84,7 @@ def train_dataset(
     ds = (
         grain.MapDataset.range(sys.maxsize)
         .map(_GlobalPosition(order, batch_size, local, process_index))
-        .map(_Load(source, preprocess))
+        .map(_Load(source, preprocess, attach))
         .batch(local, drop_remainder=True)
     )
     # Buffer counts elements of the batched dataset: a couple of batches suffices.
@@ -105,11 +109,15 @@ class _GlobalPosition:
 
 
 class _Load:
-    def __init__(self, source: Any, preprocess: Preprocess):
-        self.source, self.preprocess = source, preprocess
+    def __init__(self, source: Any, preprocess: Preprocess,
+                 attach: Callable[[int], dict[str, np.ndarray]] | None):
+        self.source, self.preprocess, self.attach = source, preprocess, attach
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return self.preprocess(self.source[index], index)
+        example = self.preprocess(self.source[index], index)
+        if self.attach is not None:
+            example.update(self.attach(index))
+        return example
 
 
 def eval_batches(
