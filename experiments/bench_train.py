@@ -30,14 +30,14 @@ def bench(config, steps: int) -> dict[str, float]:
         "tokens": rng.integers(1, 258, (b, length), dtype=np.int32)}, mesh)
     state = trainer.init_state(0)
     step = trainer.jit_train_step()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch, {}).compile()
     flops = compiled_flops(compiled)
     for _ in range(3):  # warm-up
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, {})
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, {})
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps
     return {"batch": b, "ms_per_step": 1e3 * seconds, "gflops_per_step": flops / 1e9,

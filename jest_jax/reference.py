@@ -77,7 +77,12 @@ def load(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Referenc
                 f"{ref_config.data[key]!r} but this run uses {config.data[key]!r}; the "
                 "learner and reference score the same inputs, so they must match")
     step = _latest_step(workdir)
-    trainer = Trainer(ref_config, mesh, make_tokenizer(ref_config.data.tokenizer).vocab_size)
+    try:
+        trainer = Trainer(ref_config, mesh, make_tokenizer(ref_config.data.tokenizer).vocab_size)
+    except (KeyError, AttributeError) as e:
+        raise ConfigError(f"config.{_WORKDIR}={workdir!r}: its config.json lacks a field this "
+                          f"version needs ({e}); it was written by an older jest_jax, so "
+                          "retrain the reference") from None
     checkpointer = Checkpointer(workdir)
     try:
         state = checkpointer.restore(trainer.abstract_sharded_state(), step=step)

@@ -30,3 +30,32 @@ def tiny_config(data_dir):
     config.logging.every_steps = 5
     config.logging.tensorboard = True
     return config
+
+
+@pytest.fixture(scope="session")
+def reference_workdir(data_dir, tmp_path_factory) -> str:
+    """A short SigLIP reference run on the tiny curated pool, shared by the JEST tests."""
+    from jest_jax import train
+
+    config = smoke.get_config("steps=10")
+    for pool in (config.data.train, config.evals.zero_shot.data, config.evals.retrieval.data):
+        pool.data_dir = data_dir
+    config.batch_size = 32
+    config.evals.batch_size = 32
+    config.logging.tensorboard = False
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train.train(config, workdir)
+    return workdir
+
+
+@pytest.fixture
+def jest_config(tiny_config, reference_workdir):
+    """tiny_config as a JEST learner on the tiny raw pool: N = 64 candidates, b = 32."""
+    config = tiny_config
+    config.data.train.split = "raw"
+    config.selection.method = "joint"
+    config.selection.filter_ratio = 0.5
+    config.selection.num_chunks = 4
+    config.selection.reference.workdir = reference_workdir
+    config.logging.tensorboard = False
+    return config

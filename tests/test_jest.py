@@ -1,0 +1,152 @@
+"""JEST inside the trainer: the reference, its cache, the scoring kernel and user criteria."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jest_jax import reference, sharding, train
+from jest_jax.config import ConfigError
+from jest_jax.data.datasets import open_pool
+from jest_jax.data.pipeline import train_dataset
+from jest_jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _first_super_batch(config, s):
+    source, _ = open_pool(config, "data.train")
+    data = train_dataset(source, s.preprocess, batch_size=s.trainer.scorer.spec.num_candidates,
+                         seed=config.seed, attach=s.attach, num_threads=0)
+    return sharding.to_global(next(iter(data)), s.trainer.mesh)
+
+
+def test_cached_and_online_reference_select_the_same(jest_config, tmp_path):
+    online = train.setup(jest_config, str(tmp_path / "online"))
+    cached_config = jest_config.copy_and_resolve_references()
+    cached_config.selection.reference.cache_dir = str(tmp_path / "cache")
+    train.cache_reference(cached_config)
+    cached = train.setup(cached_config, str(tmp_path / "cached"))
+    assert cached.attach is not None and online.attach is None
+
+    batch_online = _first_super_batch(jest_config, online)
+    batch_cached = _first_super_batch(cached_config, cached)
+    np.testing.assert_array_equal(batch_online["index"], batch_cached["index"])
+    # The cache holds exactly what the online reference computes for these examples.
+    ref = reference.load(jest_config, online.trainer.mesh)
+    emb = ref.trainer.embeddings(ref.params, batch_online)
+    np.testing.assert_allclose(batch_cached["ref_image"], emb.image, atol=2e-6)
+    np.testing.assert_allclose(batch_cached["ref_text"], emb.text, atol=2e-6)
+
+    params = online.trainer.init_state(0)["params"]
+    for seed in range(3):
+        key = jax.random.key(seed)
+        idx_online, m_online = jax.jit(online.trainer.scorer)(key, params, online.reference,
+                                                              batch_online)
+        idx_cached, m_cached = jax.jit(cached.trainer.scorer)(key, params, cached.reference,
+                                                              batch_cached)
+        np.testing.assert_array_equal(idx_online, idx_cached)
+        np.testing.assert_allclose(m_online["selection/score_selected"],
+                                   m_cached["selection/score_selected"], rtol=1e-5)
+
+
+def test_cache_errors_name_the_problem(jest_config, tmp_path):
+    jest_config.selection.reference.cache_dir = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="holds no reference cache.*--mode cache"):
+        train.setup(jest_config, str(tmp_path / "run"))
+    jest_config.selection.reference.cache_dir = str(tmp_path / "cache")
+    train.cache_reference(jest_config)
+    other = jest_config.copy_and_resolve_references()
+    other.data.train.split = "curated"
+    with pytest.raises(ConfigError, match="was made for .*raw.* but this run trains on"):
+        train.setup(other, str(tmp_path / "run"))
+
+
+def test_reference_with_other_preprocessing_is_refused(jest_config, tmp_path):
+    jest_config.data.image_size = 32
+    with pytest.raises(ConfigError, match=r"reference was trained with data.image_size=16"):
+        train.setup(jest_config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_dense_and_matrix_free_train_the_same(jest_config, tmp_path):
+    jest_config.total_steps = 6
+    jest_config.evals.every_steps = 0
+    jest_config.logging.every_steps = 1
+    rows = {}
+    for impl in ("dense", "matrix_free"):
+        jest_config.selection.implementation = impl
+        train.train(jest_config, str(tmp_path / impl))
+        rows[impl] = [r for r in read_metrics(str(tmp_path / impl)) if "loss" in r]
+    assert len(rows["dense"]) == 6
+    for a, b in zip(rows["dense"], rows["matrix_free"], strict=True):
+        for key in ("loss", "selection/score_selected", "selection/clean_selected"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,criterion,ratio", [
+    ("joint", "learnability", 0.5), ("independent", "easy_reference", 0.5),
+    ("independent", "hard_learner", 0.75), ("uniform", "learnability", 0.5)])
+def test_every_method_trains_and_logs_diagnostics(jest_config, tmp_path, method, criterion,
+                                                  ratio):
+    jest_config.total_steps = 4
+    jest_config.evals.every_steps = 0
+    jest_config.logging.every_steps = 2
+    jest_config.selection.update(method=method, criterion=criterion, filter_ratio=ratio)
+    results = train.train(jest_config, str(tmp_path))
+    assert "zero_shot/shape" in results
+    row = [r for r in read_metrics(str(tmp_path)) if "loss" in r][-1]
+    assert 0 <= row["selection/clean_selected"] <= 1 and 0 <= row["selection/clean_super"] <= 1
+    assert np.isfinite(row["loss"]) and row["flops"] > 0
+    if method != "uniform":
+        assert np.isfinite(row["selection/score_selected"])
+        assert np.isfinite(row["selection/score_random"])
+
+
+def _doc_example(tmp_path) -> str:
+    """The criterion module of docs/selection.md, written where Python can import it."""
+    with open(os.path.join(ROOT, "docs", "selection.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    module = blocks[0] + "\n" + blocks[1]  # the example module, then the no-reference one
+    assert "def capped_learnability" in module and "needs_reference = False" in module
+    (tmp_path / "my_criteria.py").write_text(module)
+    return str(tmp_path)
+
+
+@pytest.mark.slow
+def test_user_criterion_from_the_docs_trains_end_to_end(jest_config, tmp_path, data_dir):
+    """The documented command shape: a criterion named "module:function" on the CLI."""
+    path = _doc_example(tmp_path)
+    env = {**os.environ, "JEST_DATA_DIR": data_dir, "PYTHONPATH": path}
+    overrides = [f"--config.selection.reference.workdir={jest_config.selection.reference.workdir}",
+                 "--config.selection.criterion=my_criteria:capped_learnability",
+                 "--config.selection.method=joint", "--config.selection.filter_ratio=0.5",
+                 "--config.selection.num_chunks=4", "--config.data.train.split=raw",
+                 "--config.logging.tensorboard=False", "--config.batch_size=32",
+                 "--config.evals.batch_size=32"]
+    result = subprocess.run(
+        [sys.executable, "-m", "jest_jax.main", "--config", "configs/smoke.py:steps=4",
+         "--workdir", str(tmp_path / "run"), *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["selection"]["criterion"] == "my_criteria:capped_learnability"
+    rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["selection/score_selected"])
+
+
+def test_user_criterion_without_reference_loads_none(jest_config, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(_doc_example(tmp_path))
+    jest_config.selection.criterion = "my_criteria:low_learner_loss"
+    jest_config.selection.reference.workdir = ""  # not needed, so not required
+    s = train.setup(jest_config, str(tmp_path / "run"))
+    assert s.trainer.scorer is not None and not s.trainer.scorer.spec.needs_reference
+    assert s.reference == {}
