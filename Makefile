@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= runs/demo
+RESULTS ?= docs/results
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lint bench clean
@@ -17,8 +18,9 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Reference + five learners (uniform, three independent criteria, JEST) on embedded data.
 demo: $(STAMP)
-	$(BIN)/python experiments/demo.py --workdir $(WORKDIR)
+	$(BIN)/python experiments/compare_methods.py --workdir $(WORKDIR) --out $(RESULTS)
 
 # Whole suite, slow end-to-end tests included (that is what CI runs).
 test: $(STAMP)
@@ -33,6 +35,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_train.py
+	$(BIN)/python experiments/bench_selection.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

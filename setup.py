@@ -26,9 +26,10 @@ setup(
         "pillow>=10.0",
         "sentencepiece>=0.2.0",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",  # learning-curve plots of the experiments
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -85,7 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.selection.score_gain = 1.0     # g: sampling p ∝ exp(g * score) (joint; independent/sample)
     c.selection.sampling = "topk"    # independent: topk (deterministic) | sample (∝ exp(g*s))
     c.selection.implementation = "auto"  # dense (N×N scores) | matrix_free | auto (dense up
-    #                                      to 4096 candidates)
+    #                                      to 256 candidates)
     c.selection.score_patch_size = 0  # Flexi-JEST: score with the learner at this patch size
     #                                   (0: model.patch_size); must divide data.image_size
     c.selection.reference = ml_collections.ConfigDict()

@@ -103,7 +103,7 @@ def bench_scoring(repeats: int) -> None:
         "ref_image": np.asarray(ref.image), "ref_text": np.asarray(ref.text)}, mesh)
     batch = {k: v[:b] for k, v in super_batch.items() if k in ("image", "tokens")}
     scalars = {"log_temperature": jnp.log(10.0), "bias": jnp.asarray(-10.0)}
-    state = trainer.init_state(0)
+    state = trainer.init_state(0)  # for lowering only
 
     plain = trainer.jit_train_step().lower(state, batch, {}).compile()
     scorer = Scorer(spec, trainer.embeddings, cached_embeddings)
@@ -113,22 +113,22 @@ def bench_scoring(repeats: int) -> None:
     jest = trainer.jit_train_step().lower(state, super_batch, scalars).compile()
     rows = []
     for name, compiled, args in (
-            (f"plain train step (b={b})", plain, (state, batch, {})),
-            (f"scoring kernel (N={n} → b={b})", score,
-             (jax.random.key(0), state["params"], scalars, super_batch)),
-            ("JEST train step (scoring + update)", jest, (state, super_batch, scalars))):
+            (f"plain train step (b={b})", plain, lambda: (trainer.init_state(0), batch, {})),
+            (f"scoring kernel (N={n} → b={b})", score, lambda: (
+                jax.random.key(0), trainer.init_state(0)["params"], scalars, super_batch)),
+            ("JEST train step (scoring + update)", jest,
+             lambda: (trainer.init_state(0), super_batch, scalars))):
+        args = args()  # fresh: the train steps donate (and so delete) their input state
         if compiled is score:
             seconds = timed(compiled, args, repeats)
-        else:  # the train steps donate their state: feed each call the last output
-            s = args[0]
-            times = []
+        else:  # feed each call the state the last one returned
+            s, times = args[0], []
             for _ in range(repeats + 1):
                 start = time.perf_counter()
                 s, metrics = compiled(s, *args[1:])
                 jax.block_until_ready(metrics)
                 times.append(time.perf_counter() - start)
             seconds = float(np.median(times[1:]))
-            state = s
         rows.append((name, seconds, compiled_flops(compiled)))
     base_s, base_f = rows[0][1], rows[0][2]
     print("| step | ms | GFLOP (XLA) | time / plain step | FLOPs / plain step |")

@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--steps", type=int, default=500, help="steps of every learner")
     parser.add_argument("--ref-steps", type=int, default=1000, help="steps of the reference")
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--filter", type=float, default=0.8, help="filtering ratio f")
     parser.add_argument("--seeds", default="0", help="comma-separated learner seeds")
     parser.add_argument("--only", default="", help="comma-separated subset of learners")

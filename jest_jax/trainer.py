@@ -141,7 +141,9 @@ class Trainer:
                 jax.random.fold_in(jax.random.key(self.config.seed), _SELECTION_STREAM),
                 state["step"])
             idx, metrics = self.scorer(key, state["params"], reference, batch)
-            batch = {k: v[idx] for k, v in batch.items()}
+            # The update stays data-parallel: the gathered batch is split like any batch.
+            batch = jax.lax.with_sharding_constraint(
+                {k: v[idx] for k, v in batch.items()}, sharding.batch_sharding(self.mesh))
         if "is_clean" in batch:
             metrics["selection/clean_selected"] = jnp.mean(batch["is_clean"].astype(jnp.float32))
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)

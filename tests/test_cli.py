@@ -82,3 +82,25 @@ def test_eval_split_typo_fails_before_training(tmp_path, data_dir):
     assert result.returncode == 1
     assert "error: config.evals.retrieval.data: " in result.stderr and "evl" in result.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_train_mode_requires_a_workdir(data_dir):
+    result = _run(["--config", "configs/smoke.py"], data_dir)
+    assert result.returncode == 1
+    assert "error: --workdir is required in train mode" in result.stderr
+
+
+def test_cache_mode_writes_the_reference_cache(tmp_path, data_dir, reference_workdir):
+    cache = tmp_path / "cache"
+    result = _run(["--config", "configs/smoke.py", "--mode", "cache",
+                   "--config.data.train.split=raw", "--config.selection.method=joint",
+                   "--config.selection.filter_ratio=0.5", "--config.batch_size=32",
+                   "--config.evals.batch_size=32",
+                   f"--config.selection.reference.workdir={reference_workdir}",
+                   f"--config.selection.reference.cache_dir={cache}"], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(cache / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["num_examples"] == 512 and meta["pool"]["split"] == "raw"
+    assert meta["reference_step"] == 10
+    assert not os.path.exists(f"{cache}.partial")

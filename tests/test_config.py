@@ -54,6 +54,16 @@ INVALID = [
     ("evals.retrieval.kind", "probe", "config.evals.retrieval='probe' is invalid"),
     ("mesh.shape", (3,), r"config.mesh.shape=\(3,\) does not fit 8 devices"),
     ("mesh.shape", (-1, -1), "config.mesh.shape=(.*) is invalid: must give one size per axis"),
+    ("selection.filter_ratio", 1.0, r"config.selection.filter_ratio=1.0 is invalid: must be in"),
+    ("selection.filter_ratio", 0.3, r"= 64/\(1-0.3\) = 91.4286 is not an integer"),
+    ("selection.filter_ratio", 1 - 64 / 68, "gives a super-batch of 68, which must be divisible"),
+    ("selection.criterion", "learnabilty", "config.selection.criterion='learnabilty' is invalid: "
+                                           "unknown criterion"),
+    ("selection.criterion", "no_such_module:fn", "cannot import 'no_such_module'"),
+    ("selection.implementation", "sparse", "config.selection.implementation='sparse' is invalid"),
+    ("selection.sampling", "argmax", "config.selection.sampling='argmax' is invalid"),
+    ("selection.score_patch_size", 3, "score_patch_size=3 is invalid: must be 0 or divide"),
+    ("selection.num_chunks", 0, "config.selection.num_chunks=0 is invalid"),
     ("checkpoint.max_to_keep", 0, "config.checkpoint.max_to_keep=0 is invalid"),
     ("logging.every_steps", 0, "config.logging.every_steps=0 is invalid"),
 ]
@@ -92,3 +102,21 @@ def test_messages_are_distinct():
             validate(_smoke_with(field, value), num_devices=8)
         messages.add(str(err.value))
     assert len(messages) == len(INVALID)
+
+
+def _joint(**selection):
+    config = smoke.get_config()
+    config.selection.update(method="joint", filter_ratio=0.8, **selection)
+    return config
+
+
+def test_joint_selection_fields_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="num_chunks=7 is invalid: must divide batch_size=64"):
+        validate(_joint(num_chunks=7, criterion="hard_learner"))
+    validate(_joint(criterion="hard_learner"))  # no reference needed, none required
+    with pytest.raises(ConfigError, match="criterion 'learnability' needs a reference model"):
+        validate(_joint())
+    config = _joint()
+    config.selection.reference.workdir = str(tmp_path)
+    with pytest.raises(ConfigError, match="workdir=.* is invalid: has no checkpoint"):
+        validate(config)

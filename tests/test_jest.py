@@ -92,15 +92,17 @@ def test_dense_and_matrix_free_train_the_same(jest_config, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,criterion,ratio", [
-    ("joint", "learnability", 0.5), ("independent", "easy_reference", 0.5),
-    ("independent", "hard_learner", 0.75), ("uniform", "learnability", 0.5)])
+@pytest.mark.parametrize("method,criterion,ratio,patch", [
+    ("joint", "learnability", 0.5, 8), ("independent", "easy_reference", 0.5, 0),
+    ("independent", "hard_learner", 0.75, 0), ("uniform", "learnability", 0.5, 0)])
 def test_every_method_trains_and_logs_diagnostics(jest_config, tmp_path, method, criterion,
-                                                  ratio):
+                                                  ratio, patch):
+    """All methods compile and log; the joint case also scores at another patch size."""
     jest_config.total_steps = 4
     jest_config.evals.every_steps = 0
     jest_config.logging.every_steps = 2
-    jest_config.selection.update(method=method, criterion=criterion, filter_ratio=ratio)
+    jest_config.selection.update(method=method, criterion=criterion, filter_ratio=ratio,
+                                 score_patch_size=patch)
     results = train.train(jest_config, str(tmp_path))
     assert "zero_shot/shape" in results
     row = [r for r in read_metrics(str(tmp_path)) if "loss" in r][-1]
