@@ -67,10 +67,11 @@ def curves(workdir: str) -> dict[str, np.ndarray]:
     return out
 
 
-def steps_to_reach(c: dict[str, np.ndarray], target: float) -> float:
-    """First eval step whose mean zero-shot accuracy is >= target (inf if never)."""
+def steps_to_reach(c: dict[str, np.ndarray], target: float, x: str = "step") -> float:
+    """`x` (step or flops) at the first eval whose mean zero-shot accuracy is >= target
+    (inf if never)."""
     hit = np.nonzero(c["mean"] >= target - 1e-9)[0]
-    return float(c["step"][hit[0]]) if hit.size else float("inf")
+    return float(c[x][hit[0]]) if hit.size else float("inf")
 
 
 def _avg(runs: list[dict[str, np.ndarray]], key: str, reduce) -> float:
@@ -82,9 +83,10 @@ def table(results: dict[str, list[dict[str, np.ndarray]]]) -> str:
     """Markdown table, averaged over seeds: final (best) per attribute and more."""
     head = (["method"] + [f"ZS {a} final (best)" for a in ATTRIBUTES]
             + ["ZS mean final (best)", "I→T R@1", "T→I R@1", "clean selected",
-               "steps/s", "TFLOP total", "steps to uniform's final"])
+               "steps/s", "TFLOP total", "steps to uniform's final (per seed)"])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    uniform_final = np.mean([c["mean"][-1] for c in results["uniform"]])
+    # Each seed is compared with uniform's run of the same seed.
+    uniform_final = [c["mean"][-1] for c in results["uniform"]]
     for name, runs in results.items():
         final = {k: _avg(runs, k, lambda a: a[-1]) for k in (*ATTRIBUTES, "mean",
                                                               "retrieval/i2t_r1",
@@ -94,7 +96,8 @@ def table(results: dict[str, list[dict[str, np.ndarray]]]) -> str:
                   f"{_avg(runs, 'clean_selected', np.mean):.3f}",
                   f"{_avg(runs, 'steps_per_sec', np.mean):.2f}",
                   f"{_avg(runs, 'total_flops', np.mean) / 1e12:.1f}",
-                  " / ".join(f"{steps_to_reach(c, uniform_final):.0f}" for c in runs)]
+                  " / ".join(f"{steps_to_reach(c, target):.0f}"
+                             for c, target in zip(runs, uniform_final, strict=False))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -207,12 +210,15 @@ def report(results, args, seeds, seconds: float) -> str:
         table(results), "",
     ]
     if "uniform" in results and "JEST" in results:
-        target = np.mean([c["mean"][-1] for c in results["uniform"]])
-        for u, j in zip(results["uniform"], results["JEST"], strict=False):
+        for seed, u, j in zip(seeds, results["uniform"], results["JEST"], strict=False):
+            target = u["mean"][-1]
             su, sj = steps_to_reach(u, target), steps_to_reach(j, target)
-            lines.append(f"- uniform's final mean zero-shot accuracy {target:.3f}: uniform "
-                         f"reaches it at step {su:.0f}, JEST at step {sj:.0f}; "
-                         f"ratio {su / sj:.2f}x.")
+            fu, fj = steps_to_reach(u, target, "flops"), steps_to_reach(j, target, "flops")
+            lines.append(f"- seed {seed}: uniform's final mean zero-shot accuracy "
+                         f"{target:.3f}; uniform reaches it at step {su:.0f}, JEST at "
+                         f"step {sj:.0f}: "
+                         f"{su / sj:.2f}x fewer learner steps; in FLOPs (XLA, scoring "
+                         f"included) {fu / 1e12:.2f} vs {fj / 1e12:.2f} TFLOP: {fu / fj:.2f}x.")
         for name, runs in results.items():
             if runs[0]["clean_super"].size:
                 lines.append(f"- {name}: clean fraction {_avg(runs, 'clean_super', np.mean):.3f} "

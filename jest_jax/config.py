@@ -163,6 +163,9 @@ def _selection(config, batch: int, image_size: int) -> int:
     except ValueError as e:
         raise ConfigError(f"config.selection.filter_ratio={ratio!r} is invalid: {e}; choose "
                           "f so that batch_size / (1 - f) is a whole number") from None
+    _check(method == "uniform" or ratio > 0, "selection.filter_ratio", ratio,
+           f"must be > 0 for method {method!r}: with 0 the super-batch is the batch and "
+           "there is nothing to select from (the paper uses 0.8)")
     chunks = _int(config, "selection.num_chunks", 1)
     if method == "joint":
         _check(batch % chunks == 0, "selection.num_chunks", chunks,

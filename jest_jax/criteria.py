@@ -58,11 +58,13 @@ def get(name_or_path: str | Criterion) -> Criterion:
                              "or give 'package.module:function'")
         return _REGISTRY[name_or_path]
     module_name, _, attr = name_or_path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"criterion {name_or_path!r} must be 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"criterion {name_or_path!r}: cannot import {module_name!r} ({e})") \
-            from None
+    except Exception as e:  # a user module may fail in any way: say which and why
+        raise ValueError(f"criterion {name_or_path!r}: cannot import {module_name!r} "
+                         f"({type(e).__name__}: {e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"criterion {name_or_path!r}: {module_name} has no function {attr!r}")

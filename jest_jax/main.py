@@ -39,13 +39,13 @@ def main(argv: list[str]) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" chatter
     config = _CONFIG.value
     try:
-        config_lib.validate(config)  # device-independent checks, before JAX initialises
+        config_lib.validate(config)  # device-independent checks, before any device is touched
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
     if _MODE.value != "cache" and not _WORKDIR.value:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
 
-    from jest_jax import train  # imports JAX; kept after validation so bad configs fail fast
+    from jest_jax import train  # orbax, grain, TFDS: imported after validation, to fail fast
 
     try:
         if _MODE.value == "train":

@@ -88,7 +88,7 @@ def load(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Referenc
         state = checkpointer.restore(trainer.abstract_sharded_state(), step=step)
     finally:
         checkpointer.close()
-    return Reference(trainer, state["params"], step, os.path.abspath(workdir))
+    return Reference(trainer, state["params"], step, os.path.realpath(workdir))
 
 
 def _preprocess(config: ml_collections.ConfigDict) -> Preprocess:
@@ -98,7 +98,7 @@ def _preprocess(config: ml_collections.ConfigDict) -> Preprocess:
 
 def _pool_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
     pool = config.data.train
-    return {"name": pool.name, "split": pool.split, "data_dir": os.path.abspath(pool.data_dir),
+    return {"name": pool.name, "split": pool.split, "data_dir": os.path.realpath(pool.data_dir),
             **{k: config.data[k] for k in _SHARED_DATA_FIELDS}}
 
 
@@ -109,6 +109,8 @@ def write_cache(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> s
     directory = config.selection.reference.cache_dir
     if not directory:
         raise ConfigError(f"config.{_CACHE} is empty: set where the cache should go")
+    if not config.selection.reference.workdir:
+        raise ConfigError(f"config.{_WORKDIR} is empty: name the reference run to cache")
     ref = load(config, mesh)
     source, _ = open_pool(config, "data.train")
     n = len(source)
@@ -150,9 +152,13 @@ def write_cache(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> s
                 "bias": float(ref.params["bias"]), "created": time.strftime("%Y-%m-%d %H:%M")}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
+        # Swap by renames so that a crash leaves the old cache or the new one, never none.
+        old = f"{directory.rstrip('/')}.old"
+        shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(directory):
-            shutil.rmtree(directory)
+            os.replace(directory, old)
         os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
     log(f"wrote {directory}")
     return directory
 
@@ -175,7 +181,7 @@ class ReferenceCache:
         if self.meta["pool"] != _pool_key(config):
             raise ConfigError(f"config.{_CACHE}={directory!r} was made for {self.meta['pool']}, "
                               f"but this run trains on {_pool_key(config)}; re-create it")
-        workdir = os.path.abspath(config.selection.reference.workdir)
+        workdir = os.path.realpath(config.selection.reference.workdir)
         if (self.meta["reference_workdir"], self.meta["reference_step"]) != (
                 workdir, _latest_step(workdir)):
             raise ConfigError(
@@ -184,6 +190,10 @@ class ReferenceCache:
                 f"config.{_WORKDIR}={workdir!r}; re-create it")
         self.image = np.load(os.path.join(directory, "image.npy"), mmap_mode="r")
         self.text = np.load(os.path.join(directory, "text.npy"), mmap_mode="r")
+        pool_size = len(open_pool(config, "data.train")[0])
+        if not self.meta["num_examples"] == len(self.image) == len(self.text) == pool_size:
+            raise ConfigError(f"config.{_CACHE}={directory!r} holds {len(self.image)} rows but "
+                              f"the pool has {pool_size} examples (rebuilt?); re-create it")
 
     @property
     def scalars(self) -> dict[str, np.ndarray]:
@@ -208,6 +218,9 @@ def make_scorer(config: ml_collections.ConfigDict, trainer: Trainer
     `selection.reference.cache_dir` set the reference comes from the cache.
     """
     spec = SelectionSpec.from_config(config)
+    if config.selection.reference.cache_dir and not spec.needs_reference:
+        log(f"note: config.{_CACHE} is set but method={spec.method!r} with this criterion "
+            "uses no reference; the cache is not read")
     if not spec.active:
         return None, {}, None
     embed = functools.partial(trainer.embeddings, patch_size=spec.score_patch_size)

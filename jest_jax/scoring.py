@@ -132,6 +132,10 @@ class Scorer:
                 learner, ref, spec.criterion, idx)
             metrics["selection/score_random"] = selection.batch_score(
                 learner, ref, spec.criterion, baseline)
+            # Per example (S_ii, its score with its own caption): selected vs super-batch.
+            diag = selection.diagonal_scores(learner, ref, spec.criterion)
+            metrics["selection/self_score_selected"] = diag[idx].mean()
+            metrics["selection/self_score_super"] = diag.mean()
         if "is_clean" in batch:
             metrics["selection/clean_super"] = jnp.mean(batch["is_clean"].astype(jnp.float32))
         return idx, metrics

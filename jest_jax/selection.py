@@ -57,6 +57,9 @@ def independent_select(key: jax.Array, scores: jax.Array, num_select: int,
                        sampling: str = "topk", score_gain: float = 1.0) -> jax.Array:
     """Select by per-example `scores` f[N]: the top `num_select`, or (`sampling="sample"`)
     `num_select` draws without replacement with p ∝ exp(score_gain · score)."""
+    if scores.ndim != 1:
+        raise ValueError(f"independent_select needs per-example scores f[N], got shape "
+                         f"{scores.shape}")
     check_sizes(scores.shape[0], num_select)
     if sampling == "topk":
         return jax.lax.top_k(scores, num_select)[1].astype(jnp.int32)
@@ -79,8 +82,12 @@ def _blocked_sample(key: jax.Array, diag: jax.Array, blocks: Blocks, num_select:
     keys = jax.random.split(key, num_chunks)
 
     def draw(key, cond, taken):
-        logits = jnp.where(taken, -jnp.inf, score_gain * (diag + cond))
-        return _gumbel_top_k(key, logits, m)
+        # Untaken scores are clamped to finite values so that only taken ones are -inf:
+        # a criterion returning -inf (or NaN) must not tie with, and re-pick, taken ones.
+        floor = jnp.finfo(diag.dtype).min / 4
+        logits = jnp.nan_to_num(score_gain * (diag + cond), nan=floor, neginf=floor,
+                                posinf=-floor)
+        return _gumbel_top_k(key, jnp.where(taken, -jnp.inf, logits), m)
 
     def chunk(carry, key):
         cond, taken = carry
@@ -106,6 +113,9 @@ def joint_select(key: jax.Array, scores: jax.Array, num_select: int, num_chunks:
     draws m more among the rest with p ∝ exp(g·c_i), c_i = S_ii + Σ_{j chosen}(S_ji + S_ij).
     With `return_conditionals`, also returns every chunk's c (f[num_chunks, N]).
     """
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"joint_select needs a square score matrix f[N, N], got shape "
+                         f"{scores.shape}")
     out = _blocked_sample(key, jnp.diagonal(scores), lambda idx: (scores[idx], scores[:, idx]),
                           num_select, num_chunks, score_gain)
     return out if return_conditionals else out[0]
@@ -135,7 +145,19 @@ def _pair_diag(e: Embeddings) -> jax.Array:
 
 def _apply(criterion: criteria.Criterion, pair: Callable[[Embeddings], jax.Array],
            learner: Embeddings, reference: Embeddings | None) -> jax.Array:
-    return criterion(pair(learner), None if reference is None else pair(reference))
+    losses_learner = pair(learner)
+    if reference is None and criteria.needs_reference(criterion):
+        raise ValueError(f"criterion {getattr(criterion, '__name__', criterion)!r} needs "
+                         "reference embeddings, but reference is None")
+    if reference is not None and reference.image.shape[0] != learner.image.shape[0]:
+        raise ValueError(f"learner and reference embed different candidates: "
+                         f"{learner.image.shape[0]} vs {reference.image.shape[0]}")
+    scores = criterion(losses_learner, None if reference is None else pair(reference))
+    if jnp.shape(scores) != losses_learner.shape:
+        raise ValueError(f"criterion {getattr(criterion, '__name__', criterion)!r} returned "
+                         f"shape {jnp.shape(scores)} for pair losses of shape "
+                         f"{losses_learner.shape}; criteria must be elementwise")
+    return scores
 
 
 def score_matrix(learner: Embeddings, reference: Embeddings | None,
@@ -164,6 +186,12 @@ def joint_select_from_embeddings(key: jax.Array, learner: Embeddings,
     diag = _apply(criterion, _pair_diag, learner, reference)
     out = _blocked_sample(key, diag, blocks, num_select, num_chunks, score_gain)
     return out if return_conditionals else out[0]
+
+
+def diagonal_scores(learner: Embeddings, reference: Embeddings | None,
+                    criterion: str | criteria.Criterion) -> jax.Array:
+    """`S_ii` for every candidate (its score with its own caption): f[N], O(N·D)."""
+    return _apply(criteria.get(criterion), _pair_diag, learner, reference)
 
 
 def row_scores_from_embeddings(learner: Embeddings, reference: Embeddings | None,

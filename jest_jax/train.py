@@ -49,10 +49,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, selection: bool = Tru
     preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
     trainer = Trainer(config, mesh, tokenizer.vocab_size)
     evaluator = Evaluator(config, trainer, preprocess)
-    s = Setup(trainer, preprocess, evaluator, Checkpointer(workdir, config.checkpoint.max_to_keep))
-    if selection:
-        trainer.scorer, s.reference, s.attach = reference_lib.make_scorer(config, trainer)
-    return s
+    reference, attach = {}, None
+    if selection:  # before the checkpointer: a bad reference must not create the workdir
+        trainer.scorer, reference, attach = reference_lib.make_scorer(config, trainer)
+    return Setup(trainer, preprocess, evaluator,
+                 Checkpointer(workdir, config.checkpoint.max_to_keep), reference, attach)
 
 
 def _check_finite(step: int, metrics: dict[str, float], last_good: int | None,
@@ -83,7 +84,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                              process_count=jax.process_count(),
                              num_threads=config.data.num_threads)
     except ValueError as e:
-        raise config_lib.ConfigError(f"config.data.train: {e}") from None
+        why = (f" (with selection each step draws a super-batch of N = batch_size / "
+               f"(1 - selection.filter_ratio) = {draw})" if trainer.scorer else "")
+        raise config_lib.ConfigError(f"config.data.train: {e}{why}") from None
     data_iter = iter(data)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:

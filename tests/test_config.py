@@ -106,7 +106,7 @@ def test_messages_are_distinct():
 
 def _joint(**selection):
     config = smoke.get_config()
-    config.selection.update(method="joint", filter_ratio=0.8, **selection)
+    config.selection.update({"method": "joint", "filter_ratio": 0.8, **selection})
     return config
 
 
@@ -114,6 +114,8 @@ def test_joint_selection_fields_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="num_chunks=7 is invalid: must divide batch_size=64"):
         validate(_joint(num_chunks=7, criterion="hard_learner"))
     validate(_joint(criterion="hard_learner"))  # no reference needed, none required
+    with pytest.raises(ConfigError, match="filter_ratio=0.0 is invalid: must be > 0 for method"):
+        validate(_joint(criterion="hard_learner", filter_ratio=0.0))
     with pytest.raises(ConfigError, match="criterion 'learnability' needs a reference model"):
         validate(_joint())
     config = _joint()

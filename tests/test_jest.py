@@ -57,6 +57,41 @@ def test_cached_and_online_reference_select_the_same(jest_config, tmp_path):
                                    m_cached["selection/score_selected"], rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_cached_and_online_reference_runs_train_the_same(jest_config, tmp_path):
+    jest_config.total_steps = 4
+    jest_config.evals.every_steps = 0
+    jest_config.logging.every_steps = 1
+    train.train(jest_config, str(tmp_path / "online"))
+    jest_config.selection.reference.cache_dir = str(tmp_path / "cache")
+    train.cache_reference(jest_config)
+    train.train(jest_config, str(tmp_path / "cached"))
+    rows = {k: [r for r in read_metrics(str(tmp_path / k)) if "loss" in r]
+            for k in ("online", "cached")}
+    assert len(rows["online"]) == 4
+    for a, b in zip(rows["online"], rows["cached"], strict=True):
+        for key in ("loss", "selection/score_selected", "selection/self_score_selected",
+                    "selection/clean_selected"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow
+def test_resumed_jest_run_selects_as_the_straight_run(jest_config, tmp_path):
+    jest_config.total_steps = 6
+    jest_config.evals.every_steps = 0
+    jest_config.logging.every_steps = 1
+    jest_config.checkpoint.every_steps = 3
+    train.train(jest_config, str(tmp_path / "straight"))
+    train.train(jest_config, str(tmp_path / "resumed"), stop_at_step=3)
+    train.train(jest_config, str(tmp_path / "resumed"))
+    rows = {k: [r for r in read_metrics(str(tmp_path / k)) if "loss" in r]
+            for k in ("straight", "resumed")}
+    assert [r["step"] for r in rows["resumed"]] == list(range(1, 7))
+    for a, b in zip(rows["straight"], rows["resumed"], strict=True):
+        for key in ("loss", "selection/score_selected", "selection/clean_selected"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+
+
 def test_cache_errors_name_the_problem(jest_config, tmp_path):
     jest_config.selection.reference.cache_dir = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="holds no reference cache.*--mode cache"):
@@ -111,6 +146,8 @@ def test_every_method_trains_and_logs_diagnostics(jest_config, tmp_path, method,
     if method != "uniform":
         assert np.isfinite(row["selection/score_selected"])
         assert np.isfinite(row["selection/score_random"])
+        assert np.isfinite(row["selection/self_score_selected"])
+        assert np.isfinite(row["selection/self_score_super"])
 
 
 def _doc_example(tmp_path) -> str:

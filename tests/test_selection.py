@@ -237,3 +237,50 @@ def test_criteria_registry():
     assert criteria.get("test_only_negated") is negated
     with pytest.raises(ValueError, match="already registered"):
         criteria.register("test_only_negated")(lambda a, b: a)
+
+
+def test_minus_infinity_scores_never_repeat_indices():
+    """A criterion may exclude examples with -inf (or produce NaN); picks stay distinct."""
+    rng = np.random.default_rng(9)
+    n, b = 40, 24
+    S = rng.normal(size=(n, n))
+    S[rng.random((n, n)) < 0.7] = -np.inf
+    S[3, 3] = np.nan
+    idx = selection.joint_select(jax.random.key(0), jnp.asarray(S, jnp.float32), b, 4)
+    check_valid(idx, n, b)
+    learner = random_embeddings(rng, n, 8, dtype=np.float32)
+
+    def cutoff(learner_losses, reference_losses):
+        return jnp.where(learner_losses > 1e-3, -jnp.inf, learner_losses)
+    cutoff.needs_reference = False
+    idx = selection.joint_select_from_embeddings(jax.random.key(0), learner, None, cutoff, b, 4)
+    check_valid(idx, n, b)
+
+
+def test_bad_inputs_are_named():
+    key = jax.random.key(0)
+    rng = np.random.default_rng(10)
+    learner = random_embeddings(rng, 12, 4, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"per-example scores f\[N\], got shape \(12, 12\)"):
+        selection.independent_select(key, jnp.zeros((12, 12)), 4)
+    with pytest.raises(ValueError, match=r"square score matrix f\[N, N\], got shape \(12, 6\)"):
+        selection.joint_select(key, jnp.zeros((12, 6)), 4, 2)
+    with pytest.raises(ValueError, match="'learnability' needs reference embeddings"):
+        selection.joint_select_from_embeddings(key, learner, None, "learnability", 4, 2)
+    other = random_embeddings(rng, 10, 4, dtype=np.float32)
+    with pytest.raises(ValueError, match="different candidates: 12 vs 10"):
+        selection.joint_select_from_embeddings(key, learner, other, "learnability", 4, 2)
+
+    def row_means(learner_losses, reference_losses):  # not elementwise
+        return learner_losses.mean(axis=-1)
+    with pytest.raises(ValueError, match="'row_means' returned shape .* must be elementwise"):
+        selection.joint_select_from_embeddings(key, learner, learner, row_means, 4, 2)
+
+
+def test_broken_user_criterion_modules_are_reported(tmp_path, monkeypatch):
+    (tmp_path / "broken_criteria.py").write_text("def f(a, b):\n    return a +\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot import 'broken_criteria' .SyntaxError"):
+        criteria.get("broken_criteria:f")
+    with pytest.raises(ValueError, match="must be 'package.module:function'"):
+        criteria.get("jest_jax.criteria:")
