@@ -17,22 +17,27 @@ import json, sys
 from configs import smoke
 from jest_jax import train
 from jest_jax.metrics import read_metrics
-data_dir, workdir = sys.argv[1], sys.argv[2]
+data_dir, workdir, method = sys.argv[1], sys.argv[2], sys.argv[3]
 c = smoke.get_config("steps=6")
 for pool in (c.data.train, c.evals.zero_shot.data, c.evals.retrieval.data):
     pool.data_dir = data_dir
 c.batch_size, c.evals.batch_size, c.logging.every_steps = 32, 32, 1
+if method == "joint":  # JEST machinery without a reference run: hard_learner, matrix-free
+    c.data.train.split = "raw"
+    c.selection.update(method="joint", criterion="hard_learner", filter_ratio=0.5,
+                       num_chunks=4, implementation="matrix_free")
 results = train.train(c, workdir)
-losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
-flops = [r["flops"] for r in read_metrics(workdir) if "flops" in r]
-print("RESULT" + json.dumps({"losses": losses, "flops": flops[0], "evals": results}))
+rows = [r for r in read_metrics(workdir) if "loss" in r]
+print("RESULT" + json.dumps({"losses": [r["loss"] for r in rows], "flops": rows[0]["flops"],
+                             "score": [r.get("selection/score_selected") for r in rows],
+                             "evals": results}))
 """
 
 
-def _run(devices: int, data_dir: str, workdir: str) -> dict:
+def _run(devices: int, data_dir: str, workdir: str, method: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, workdir], env=env,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, workdir, method], env=env,
                          capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -40,12 +45,15 @@ def _run(devices: int, data_dir: str, workdir: str) -> dict:
     return json.loads(line[len("RESULT"):])
 
 
-def test_one_and_two_devices_agree(data_dir, tmp_path):
-    one = _run(1, data_dir, str(tmp_path / "one"))
-    two = _run(2, data_dir, str(tmp_path / "two"))
+@pytest.mark.parametrize("method", ["uniform", "joint"])
+def test_one_and_two_devices_agree(data_dir, tmp_path, method):
+    one = _run(1, data_dir, str(tmp_path / "one"), method)
+    two = _run(2, data_dir, str(tmp_path / "two"), method)
     assert len(one["losses"]) == 6
     # Same batches, same init; only the reduction order across devices differs.
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-4)
+    if method == "joint":  # the same selections, hence the same selected-batch scores
+        np.testing.assert_allclose(two["score"], one["score"], rtol=2e-4)
     for key, value in one["evals"].items():
         assert two["evals"][key] == pytest.approx(value, abs=0.02), key
     # Logged FLOPs count the whole step (all devices): about the same, not halved.
