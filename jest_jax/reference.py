@@ -114,8 +114,7 @@ def write_cache(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> s
     ref = load(config, mesh)
     source, _ = open_pool(config, "data.train")
     n = len(source)
-    embed = jax.jit(lambda p, b: (ref.trainer.embed_images(p, b["image"]),
-                                  ref.trainer.embed_texts(p, b["tokens"])),
+    embed = jax.jit(lambda p, b: ref.trainer.embeddings(p, b)[:2],  # (image, text)
                     out_shardings=sharding.replicated(mesh))
     write = jax.process_index() == 0
     tmp = f"{directory.rstrip('/')}.partial"

@@ -121,11 +121,10 @@ class Trainer:
 
     def loss(self, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """The configured contrastive loss of a batch."""
-        img = self.embed_images(params, batch["image"])
-        txt = self.embed_texts(params, batch["tokens"])
+        e = self.embeddings(params, batch)
         if self.config.loss.name == "softmax":
-            return losses.softmax_loss(img, txt, params["log_temperature"])
-        return losses.sigmoid_loss(img, txt, params["log_temperature"], params["bias"])
+            return losses.softmax_loss(e.image, e.text, e.log_temperature)
+        return losses.sigmoid_loss(e.image, e.text, e.log_temperature, e.bias)
 
     def train_step(self, state: State, batch: dict[str, jax.Array],
                    reference: Any = None) -> tuple[State, dict]:
