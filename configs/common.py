@@ -66,6 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "sigmoid"          # sigmoid (SigLIP) | softmax (CLIP)
+    c.loss.implementation = "dense"  # sigmoid only. dense: the global B×B logits; chunked:
+    #                                  text embeddings travel round the devices (ppermute
+    #                                  ring), each holds (B/d)² logits at a time. Same value
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-3
@@ -109,6 +112,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.axes = ("data",)          # named mesh axes; batches are split over all of them
     c.mesh.shape = (-1,)             # -1: all remaining devices
+    # How parameters and optimizer moments are placed: (regex, spec) pairs; the first regex
+    # that re.search-es a leaf's path ("params/img/.../kernel", "opt_state/.../mu/img/...")
+    # decides. spec: "replicate" | "fsdp" (largest dim divisible by the axis "fsdp", split
+    # over it) | "fsdp:<axis>" | a tuple PartitionSpec such as (None, "fsdp"). Unmatched:
+    # replicated. FSDP: axes=("data", "fsdp"), shape=(-1, 8), rules=((".*", "fsdp"),).
+    c.mesh.rules = ((".*", "replicate"),)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100   # also at the last step; a re-run resumes from the latest

@@ -97,7 +97,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _float(config, "model.temperature_init", lambda v: v > 0, "must be > 0")
     _float(config, "model.bias_init", lambda v: abs(v) < float("inf"), "must be finite")
 
-    _choice(config, "loss.name", ("sigmoid", "softmax"))
+    loss = _choice(config, "loss.name", ("sigmoid", "softmax"))
+    implementation = _choice(config, "loss.implementation", ("dense", "chunked"))
+    _check(implementation == "dense" or loss == "sigmoid", "loss.implementation",
+           implementation, "'chunked' exists for the sigmoid loss only; use 'dense'")
 
     _float(config, "optimizer.learning_rate", lambda v: v > 0, "must be > 0")
     _float(config, "optimizer.warmup_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
@@ -133,8 +136,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            and list(shape).count(-1) <= 1,
            "mesh.shape", shape, f"must give one size per axis of {tuple(axes)} "
            "(positive, or -1 once for 'the rest')")
+    rules = get_field(config, "mesh.rules")
+    _check(isinstance(rules, (tuple, list)), "mesh.rules", rules,
+           "must be a list of (regex, spec) pairs")
+    from jest_jax.sharding import mesh_shape, parse_rule
+
+    for i, rule in enumerate(rules):
+        try:
+            parse_rule(rule, axes)
+        except ValueError as e:
+            raise ConfigError(f"config.mesh.rules[{i}]={rule!r} is invalid: {e}") from None
     if num_devices is not None:
-        from jest_jax.sharding import mesh_shape
 
         try:
             mesh_shape(axes, shape, num_devices)

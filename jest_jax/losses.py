@@ -6,8 +6,11 @@ the matrix-free selection blocks and the batch loss are all built on it.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def positive_mask(row_ids: jax.Array, col_ids: jax.Array) -> jax.Array:
@@ -52,6 +55,76 @@ def sigmoid_loss(
     """SigLIP batch loss: the sum of all pair losses divided by N."""
     pair = sigmoid_pair_losses(img, txt, log_temperature, bias)
     return pair.sum() / img.shape[0]
+
+
+def sigmoid_loss_chunked(
+    img: jax.Array,
+    txt: jax.Array,
+    log_temperature: jax.Array,
+    bias: jax.Array,
+    mesh: jax.sharding.Mesh,
+    axes: tuple[str, ...] | None = None,
+) -> jax.Array:
+    """``sigmoid_loss`` computed blockwise across devices, never forming the B×B logits.
+
+    The chunked SigLIP implementation of Zhai et al. 2023 ("Sigmoid Loss for
+    Language Image Pre-Training", §3.3): the batch's leading dimension is split
+    over the ``d`` devices of mesh ``axes`` (default: all of ``mesh.axis_names``,
+    as the trainer shards batches). Each device keeps its ``B/d`` image rows and
+    scores them against one ``B/d`` text chunk at a time, passing the text chunk
+    round a ring with ``ppermute``. The sigmoid loss is a sum of independent pair
+    terms, so no softmax normaliser has to be gathered first.
+
+    Memory: a device holds one ``(B/d)×(B/d)`` block of logits at a time, instead
+    of ``B×B`` (or the ``(B/d)×B`` row block of a sharded dense loss); the
+    backward pass recomputes the blocks and keeps only the ``d-1`` received text
+    chunks, ``O(B·D)``. Communication: ``d-1`` ppermutes of a ``(B/d)×D`` text
+    chunk forward, as many backward (ppermute transposes to the reverse ring),
+    and one scalar ``psum``. The loop is a ``fori_loop``, so the program has one
+    block matmul whatever ``d``.
+
+    Value and gradients equal ``sigmoid_loss`` on the global arrays.
+    ``log_temperature`` and ``bias`` are replicated scalars.
+    """
+    axes = tuple(mesh.axis_names) if axes is None else tuple(axes)
+    unknown = [a for a in axes if a not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"axes {unknown} not in mesh axes {mesh.axis_names}")
+    num_devices = math.prod(mesh.shape[a] for a in axes)
+    batch = img.shape[0]
+    if batch % num_devices or txt.shape[0] != batch:
+        raise ValueError(
+            f"batch {img.shape[0]} (texts {txt.shape[0]}) must be equal and divisible by "
+            f"the {num_devices} devices of mesh axes {axes}"
+        )
+    # Positives sit only in the first block (each device's own texts); after
+    # that, any single cycle through the devices visits every other chunk once.
+    # So the ring needs no particular device order, whichever way ppermute
+    # linearises a tuple of axes.
+    ring = [(i, (i + 1) % num_devices) for i in range(num_devices)]
+
+    # Rematerialised in the backward pass: otherwise the loop would keep every
+    # iteration's block for it, (d-1)·(B/d)² values, and the memory saving would
+    # hold for the forward pass only.
+    block_sum = jax.checkpoint(lambda *args: pair_losses_block(*args).sum())
+
+    def local(img_rows, txt_rows, t, b):
+        m = img_rows.shape[0]
+        own = block_sum(img_rows, txt_rows, t, b, jnp.eye(m, dtype=bool))
+        negatives = jnp.zeros((m, m), dtype=bool)
+
+        def step(_, carry):
+            total, chunk = carry
+            chunk = jax.lax.ppermute(chunk, axes, ring)
+            return total + block_sum(img_rows, chunk, t, b, negatives), chunk
+
+        total, _ = jax.lax.fori_loop(0, num_devices - 1, step, (own, txt_rows))
+        return jax.lax.psum(total, axes) / batch
+
+    rows = P(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P(), P()), out_specs=P())(
+        img, txt, jnp.asarray(log_temperature), jnp.asarray(bias)
+    )
 
 
 def softmax_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array) -> jax.Array:

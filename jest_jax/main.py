@@ -8,6 +8,10 @@
     python -m jest_jax.main --config configs/shapes.py:stage=learner,method=joint,\
 reference=runs/ref,cache=runs/ref/cache --mode cache
 
+    # one of several processes (each with its own --process_id); TPU VMs need no flags
+    python -m jest_jax.main --config ... --workdir ... --coordinator_address=host0:1234 \\
+        --num_processes=2 --process_id=0
+
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,6 +35,15 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cache"],
                           "cache: embed data.train with the reference into "
                           "selection.reference.cache_dir.")
 _STEP = flags.DEFINE_integer("step", None, "eval mode: the checkpoint step (default latest).")
+_STOP_AT = flags.DEFINE_integer("stop_at_step", None, "train mode: checkpoint and exit at "
+                                "this step (the schedule still spans total_steps); re-run "
+                                "to resume. For time-sliced jobs.")
+# Multi-process runs outside Cloud TPU VMs (which are detected): every process gets the
+# same command with its own --process_id.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, from 0.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -45,11 +59,18 @@ def main(argv: list[str]) -> None:
     if _MODE.value != "cache" and not _WORKDIR.value:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
 
+    from jest_jax import sharding
+
+    try:  # before anything touches a device
+        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     from jest_jax import train  # orbax, grain, TFDS: imported after validation, to fail fast
 
     try:
         if _MODE.value == "train":
-            results = train.train(config, _WORKDIR.value)
+            results = train.train(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
         elif _MODE.value == "eval":
             results = train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
         else:
@@ -57,8 +78,9 @@ def main(argv: list[str]) -> None:
             return
     except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    for name, value in sorted(results.items()):
-        print(f"{name:32s} {value:.4f}")
+    if jax.process_index() == 0:
+        for name, value in sorted(results.items()):
+            print(f"{name:32s} {value:.4f}")
 
 
 def run() -> None:

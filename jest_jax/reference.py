@@ -77,6 +77,8 @@ def load(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Referenc
                 f"{ref_config.data[key]!r} but this run uses {config.data[key]!r}; the "
                 "learner and reference score the same inputs, so they must match")
     step = _latest_step(workdir)
+    # Placed by the learner's rules on the learner's mesh, whatever the reference ran on.
+    ref_config.mesh = config.mesh
     try:
         trainer = Trainer(ref_config, mesh, make_tokenizer(ref_config.data.tokenizer).vocab_size)
     except (KeyError, AttributeError) as e:
@@ -223,10 +225,11 @@ def make_scorer(config: ml_collections.ConfigDict, trainer: Trainer
     if not spec.active:
         return None, {}, None
     embed = functools.partial(trainer.embeddings, patch_size=spec.score_patch_size)
+    rows = sharding.rows_sharding(trainer.mesh)
     if not spec.needs_reference:
-        return Scorer(spec, embed), {}, None
+        return Scorer(spec, embed, score_sharding=rows), {}, None
     if config.selection.reference.cache_dir:
         cache = ReferenceCache(config)
-        return Scorer(spec, embed, cached_embeddings), cache.scalars, cache
+        return Scorer(spec, embed, cached_embeddings, rows), cache.scalars, cache
     ref = load(config, trainer.mesh)
-    return Scorer(spec, embed, ref.trainer.embeddings), ref.params, None
+    return Scorer(spec, embed, ref.trainer.embeddings, rows), ref.params, None

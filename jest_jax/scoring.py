@@ -78,21 +78,31 @@ class SelectionSpec:
 
 
 def select(spec: SelectionSpec, key: jax.Array, learner: Embeddings | None,
-           reference: Embeddings | None) -> jax.Array:
-    """The `spec.num_select` indices chosen by `spec.method` from the candidates."""
+           reference: Embeddings | None, score_sharding: Any = None) -> jax.Array:
+    """The `spec.num_select` indices chosen by `spec.method` from the candidates.
+
+    `score_sharding` places a dense N×N score matrix (split by rows over the devices, so
+    no device holds all of it); the matrix-free path never builds one.
+    """
+
+    def dense_scores() -> jax.Array:
+        scores = selection.score_matrix(learner, reference, spec.criterion)
+        if score_sharding is None:
+            return scores
+        return jax.lax.with_sharding_constraint(scores, score_sharding)
+
     if spec.method == "uniform":
         return selection.uniform_select(key, spec.num_candidates, spec.num_select)
     if spec.method == "independent":
         if spec.implementation == "dense":
-            scores = selection.score_matrix(learner, reference, spec.criterion).sum(axis=1)
+            scores = dense_scores().sum(axis=1)
         else:
             scores = selection.row_scores_from_embeddings(
                 learner, reference, spec.criterion, block_size=spec.num_select)
         return selection.independent_select(key, scores, spec.num_select, spec.sampling,
                                             spec.score_gain)
     if spec.implementation == "dense":
-        scores = selection.score_matrix(learner, reference, spec.criterion)
-        return selection.joint_select(key, scores, spec.num_select, spec.num_chunks,
+        return selection.joint_select(key, dense_scores(), spec.num_select, spec.num_chunks,
                                       spec.score_gain)
     return selection.joint_select_from_embeddings(key, learner, reference, spec.criterion,
                                                   spec.num_select, spec.num_chunks,
@@ -111,6 +121,7 @@ class Scorer:
     spec: SelectionSpec
     embed_learner: Embed
     embed_reference: Embed | None = None
+    score_sharding: Any = None  # a dense score matrix's placement (rows over the devices)
 
     def __call__(self, key: jax.Array, params: Any, reference: Any,
                  batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -123,7 +134,7 @@ class Scorer:
         else:
             learner = self.embed_learner(params, batch)
             ref = self.embed_reference(reference, batch) if spec.needs_reference else None
-            idx = select(spec, select_key, learner, ref)
+            idx = select(spec, select_key, learner, ref, self.score_sharding)
             # The baseline is a random sub-batch of the same size: batch scores grow with
             # batch size (off-diagonal sums), so the super-batch itself is no yardstick.
             baseline = selection.uniform_select(random_key, spec.num_candidates,

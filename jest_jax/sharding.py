@@ -7,6 +7,8 @@ One code path for every device count: a one-device CPU run uses the same
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +16,38 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+
+# Set on Cloud TPU VMs; jax then finds the coordinator and the workers by itself.
+_TPU_VM_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "CLOUD_TPU_TASK_ID")
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-process run before any device is used; True if one was joined.
+
+    With `coordinator_address` ("host:port" of process 0), `num_processes` and
+    `process_id` given, every process calls this with its own id (GPU hosts, CPU
+    tests). Without them, a Cloud TPU VM is detected from its environment and
+    `jax.distributed.initialize()` discovers the slice's workers itself; anywhere
+    else this is a single-process run and nothing happens.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("multi-process runs need all of coordinator_address, "
+                             f"num_processes and process_id; got {explicit}")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id={process_id} must be in [0, {num_processes})")
+        # CPU devices of different processes talk through gloo (no-op for GPU/TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    if any(os.environ.get(k) for k in _TPU_VM_ENV):
+        jax.distributed.initialize()
+        return True
+    return False
 
 
 def mesh_shape(axes: Sequence[str], shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -48,6 +82,111 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of the mesh."""
     return NamedSharding(mesh, P())
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """A pytree key path as "params/img/encoder/block0/mlp/kernel" (what rules match)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (optax states), SequenceKey
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def parse_rule(rule: Any, mesh_axes: Sequence[str]) -> tuple[str, Any]:
+    """`(regex, spec)` → `(regex, "replicate" | ("fsdp", axis) | PartitionSpec)`.
+
+    spec is "replicate", "fsdp" (over the mesh axis named "fsdp"), "fsdp:<axis>", or an
+    explicit partition spec as a tuple with one entry per array dimension (None, an axis
+    name, or a tuple of axis names). ValueError names the rule if it is malformed.
+    """
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+        raise ValueError(f"sharding rule {rule!r} must be a (regex, spec) pair")
+    pattern, spec = rule
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"sharding rule {rule!r}: bad regex ({e})") from None
+    if spec == "replicate":
+        return pattern, spec
+    if isinstance(spec, str) and (spec == "fsdp" or spec.startswith("fsdp:")):
+        axis = spec.partition(":")[2] or "fsdp"
+        if axis not in mesh_axes:
+            raise ValueError(f"sharding rule {rule!r} shards over mesh axis {axis!r}, which is "
+                             f"not one of the mesh axes {tuple(mesh_axes)}")
+        return pattern, ("fsdp", axis)
+    if isinstance(spec, (tuple, list)):
+        for entry in spec:
+            names = entry if isinstance(entry, (tuple, list)) else (entry,)
+            if not all(n is None or n in mesh_axes for n in names):
+                raise ValueError(f"sharding rule {rule!r}: {entry!r} is not None or an axis "
+                                 f"of the mesh {tuple(mesh_axes)}")
+        return pattern, P(*(tuple(e) if isinstance(e, list) else e for e in spec))
+    raise ValueError(f"sharding rule {rule!r}: spec must be 'replicate', 'fsdp', "
+                     "'fsdp:<axis>' or a tuple partition spec")
+
+
+def _fsdp_spec(shape: tuple[int, ...], axis: str, size: int) -> P:
+    """Split the largest dimension that `size` divides over `axis`; replicate if none does
+    (scalars, t', β, odd-sized biases): they are tiny, and padding would cost more."""
+    dims = sorted((d for d in range(len(shape)) if shape[d] % size == 0 and shape[d] >= size),
+                  key=lambda d: -shape[d])
+    if not dims:
+        return P()
+    spec = [None] * len(shape)
+    spec[dims[0]] = axis
+    return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any], prefix: str = "") -> Any:
+    """A `NamedSharding` per leaf of `tree` (arrays or ShapeDtypeStructs) from regex rules.
+
+    Each leaf's path name (`prefix` + `path_name`) is matched with `re.search` against the
+    rules in order; the first match decides, and leaves no rule matches are replicated.
+    Optimizer moments live under paths that end in their parameter's path, so one rule
+    such as `(".*", "fsdp")` shards parameters and their Adam moments alike.
+    """
+    parsed = [parse_rule(r, mesh.axis_names) for r in rules]
+
+    def one(path, leaf) -> NamedSharding:
+        name = prefix + path_name(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for pattern, spec in parsed:
+            if re.search(pattern, name):
+                break
+        else:
+            return NamedSharding(mesh, P())
+        if spec == "replicate":
+            return NamedSharding(mesh, P())
+        if isinstance(spec, tuple) and spec and spec[0] == "fsdp":
+            return NamedSharding(mesh, _fsdp_spec(shape, spec[1], mesh.shape[spec[1]]))
+        if len(spec) > len(shape):
+            raise ValueError(f"sharding rule {pattern!r}: spec {spec} has more entries than "
+                             f"{name} has dimensions {shape}")
+        for dim, entry in zip(shape, spec):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            size = math.prod(mesh.shape[n] for n in names if n is not None)
+            if dim % size:
+                raise ValueError(f"sharding rule {pattern!r}: {name} {shape} cannot be split "
+                                 f"by {spec} ({dim} is not divisible by {size})")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """A matrix split by rows over every mesh axis (the dense N×N score matrix)."""
+    return NamedSharding(mesh, P(mesh.axis_names, None))
+
+
+def placed(tree: Any, mesh: Mesh) -> Any:
+    """The sharding of each leaf: its own for placed `jax.Array`s, else replicated."""
+    return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) and
+                        isinstance(x.sharding, NamedSharding) else replicated(mesh), tree)
 
 
 def to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -103,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     writer = MetricWriter(workdir, config.logging.tensorboard)
     writer.truncate_after(start)  # drop rows a crashed run logged after its last checkpoint
 
-    step_fn = trainer.jit_train_step()
+    step_fn = trainer.jit_train_step(sharding.placed(s.reference, mesh))
     batch = sharding.to_global(next(data_iter), mesh) if start < config.total_steps else None
     # XLA reports the per-device program; the run executes it on every device.
     flops_per_step = (compiled_flops(step_fn.lower(state, batch, s.reference).compile()) * mesh.size

@@ -25,6 +25,7 @@ from jest_jax.selection import Embeddings
 State = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32[]}
 # Folded into the seed's key so selection draws are independent of parameter init.
 _SELECTION_STREAM = 0x5E1EC7
+DEFAULT_RULES = ((".*", "replicate"),)
 
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> TwoTower:
@@ -82,9 +83,10 @@ class Trainer:
             lambda: create_model(self.config, self.vocab_size, nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract_model, nnx.Param)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
-        # Replicated everywhere for now; FSDP rules plug in here.
-        self.state_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh),
-                                           self.abstract_state)
+        # Parameters and optimizer moments are placed by the config's regex rules
+        # (replicated by default; FSDP shards each over a mesh axis).
+        self.state_sharding = sharding.tree_shardings(
+            self.abstract_state, self.mesh, self.config.mesh.get("rules", DEFAULT_RULES))
 
     def _init(self, key: jax.Array) -> State:
         model = create_model(self.config, self.vocab_size, nnx.Rngs(key))
@@ -124,6 +126,10 @@ class Trainer:
         e = self.embeddings(params, batch)
         if self.config.loss.name == "softmax":
             return losses.softmax_loss(e.image, e.text, e.log_temperature)
+        if self.config.loss.get("implementation", "dense") == "chunked":
+            # Texts travel round the devices; no device holds the global B×B logits.
+            return losses.sigmoid_loss_chunked(e.image, e.text, e.log_temperature, e.bias,
+                                               self.mesh)
         return losses.sigmoid_loss(e.image, e.text, e.log_temperature, e.bias)
 
     def train_step(self, state: State, batch: dict[str, jax.Array],
@@ -157,15 +163,17 @@ class Trainer:
         })
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-    def jit_train_step(self) -> Callable:
+    def jit_train_step(self, reference_sharding: Any = None) -> Callable:
         """`train_step` compiled with explicit shardings; the input state is donated.
 
-        Call as `step(state, batch, reference)`; the reference (frozen params or cached
-        t'/β, `{}` when unused) is replicated.
+        Call as `step(state, batch, reference)`. The reference (frozen params placed by
+        the same rules as the learner's, or cached t'/β; `{}` when unused) keeps
+        `reference_sharding` (default: replicated).
         """
         batch_sharding = sharding.batch_sharding(self.mesh)
         replicated = sharding.replicated(self.mesh)
         return jax.jit(self.train_step,
-                       in_shardings=(self.state_sharding, batch_sharding, replicated),
+                       in_shardings=(self.state_sharding, batch_sharding,
+                                     reference_sharding or replicated),
                        out_shardings=(self.state_sharding, replicated),
                        donate_argnums=0)
