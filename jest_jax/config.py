@@ -94,6 +94,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _int(config, "model.embed_dim", 1)
     _choice(config, "model.dtype", ("float32", "bfloat16"))
     _choice(config, "model.image_pool", ("map", "gap"))
+    _choice(config, "model.remat", (False, True))
     _float(config, "model.temperature_init", lambda v: v > 0, "must be > 0")
     _float(config, "model.bias_init", lambda v: abs(v) < float("inf"), "must be finite")
 

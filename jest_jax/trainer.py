@@ -35,7 +35,7 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
         image_variant=m.image_variant, text_variant=m.text_variant,
         vocab_size=vocab_size, text_len=config.data.text_len, embed_dim=m.embed_dim,
         dtype=m.dtype, image_pool=m.image_pool, temperature_init=m.temperature_init,
-        bias_init=m.bias_init, rngs=rngs)
+        bias_init=m.bias_init, remat=m.get("remat", False), rngs=rngs)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:

@@ -156,8 +156,10 @@ class Encoder(nnx.Module):
         mlp_dim: int,
         dtype: Any,
         rngs: nnx.Rngs,
+        remat: bool = False,
     ):
         self.dtype = resolve_dtype(dtype)
+        self.remat = remat
         self.blocks = nnx.List(
             [EncoderBlock(width, num_heads, mlp_dim, self.dtype, rngs) for _ in range(depth)]
         )
@@ -166,6 +168,16 @@ class Encoder(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Encodes ``x: [B, T, width]``; ``mask: bool[B, T]`` marks valid tokens."""
         x = x.astype(self.dtype)
+        run = _run_block_remat if self.remat else _run_block
         for block in self.blocks:
-            x = block(x, mask)
+            x = run(block, x, mask)
         return self.ln_final(x)
+
+
+def _run_block(block: EncoderBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return block(x, mask)
+
+
+# Rematerialisation: the backward pass recomputes each block's insides from its input, so
+# only one [B, T, width] activation per block is kept (what makes b = 32k fit at 256px).
+_run_block_remat = nnx.remat(_run_block)

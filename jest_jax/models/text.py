@@ -24,6 +24,7 @@ class TextTransformer(nnx.Module):
         variant: str | dict,
         out_dim: int,
         dtype: Any = jnp.float32,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         cfg = resolve_variant(variant)
@@ -43,7 +44,7 @@ class TextTransformer(nnx.Module):
                 rngs.params(), (max_len, width), PARAM_DTYPE
             )
         )
-        self.encoder = Encoder(dtype=self.dtype, rngs=rngs, **cfg)
+        self.encoder = Encoder(dtype=self.dtype, rngs=rngs, remat=remat, **cfg)
         self.head = nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ class TwoTower(nnx.Module):
         image_pool: str = "map",
         temperature_init: float = 10.0,
         bias_init: float = -10.0,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         dtype = resolve_dtype(dtype)
@@ -51,6 +52,7 @@ class TwoTower(nnx.Module):
             out_dim=embed_dim,
             dtype=dtype,
             pool=image_pool,
+            remat=remat,
             rngs=rngs,
         )
         self.text = TextTransformer(
@@ -59,6 +61,7 @@ class TwoTower(nnx.Module):
             variant=text_variant,
             out_dim=embed_dim,
             dtype=dtype,
+            remat=remat,
             rngs=rngs,
         )
         self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature_init), jnp.float32))

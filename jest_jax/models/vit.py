@@ -56,6 +56,7 @@ class ViT(nnx.Module):
         variant: str | dict,
         out_dim: int,
         dtype: Any = jnp.float32,
+        remat: bool = False,
         pool: str = "map",
         rngs: nnx.Rngs,
     ):
@@ -79,7 +80,7 @@ class ViT(nnx.Module):
                 rngs.params(), (grid, grid, width), PARAM_DTYPE
             )
         )
-        self.encoder = Encoder(dtype=self.dtype, rngs=rngs, **cfg)
+        self.encoder = Encoder(dtype=self.dtype, rngs=rngs, remat=remat, **cfg)
         if pool not in ("map", "gap"):
             raise ValueError(f"pool must be 'map' or 'gap', got {pool!r}.")
         self.map_head = (MAPHead(width, cfg["num_heads"], cfg["mlp_dim"], self.dtype, rngs)

@@ -1,0 +1,121 @@
+"""Compile a config's train step (and its scoring kernel) ahead of time for a large mesh,
+without allocating a single array, and report what one device would need.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=256 JAX_PLATFORMS=cpu \\
+        python experiments/compile_paper.py --config configs/paper/jest.py:model=B
+
+Simulated CPU devices stand in for a v4-256 / v5p-256 slice: the SPMD partitioning,
+per-device shapes and buffer sizes are XLA's real ones, so a config that does not fit
+(or does not shard) is caught on a laptop. Memory is XLA's buffer assignment for one
+device's program (arguments + outputs + temporaries - donated aliases); a TPU's
+compiler fuses differently, so read it as an estimate, not a promise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jest_jax import reference as reference_lib
+from jest_jax import sharding
+from jest_jax.scoring import Scorer, SelectionSpec
+from jest_jax.trainer import Trainer
+
+GiB = 2**30
+
+
+def load_config(spec: str):
+    """`configs/paper/jest.py:model=L` → its ConfigDict."""
+    path, _, arg = spec.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return module.get_config(arg or None)
+
+
+def memory(compiled) -> dict[str, float]:
+    m = compiled.memory_analysis()
+    parts = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+             "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes}
+    total = parts["arguments"] + parts["outputs"] + parts["temporaries"] - parts["aliased"]
+    return {f"{k}_gib": round(v / GiB, 3) for k, v in {**parts, "total": total}.items()}
+
+
+def abstract_batch(config, trainer: Trainer, rows: int, cached: bool) -> dict:
+    """ShapeDtypeStructs of a (super-)batch of `rows` examples, sharded like real ones."""
+    s = sharding.batch_sharding(trainer.mesh)
+    size, length = config.data.image_size, config.data.text_len
+    batch = {"image": jax.ShapeDtypeStruct((rows, size, size, 3), jnp.uint8, sharding=s),
+             "tokens": jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=s)}
+    if cached:  # the reference cache rides along with each candidate
+        for name in ("ref_image", "ref_text"):
+            batch[name] = jax.ShapeDtypeStruct((rows, config.model.embed_dim), jnp.float32,
+                                               sharding=s)
+    return batch
+
+
+def compile_config(config, vocab_size: int, cached: bool = True) -> dict:
+    """Lower and compile the train step (and scoring kernel, with selection); report."""
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    trainer = Trainer(config, mesh, vocab_size)
+    spec = SelectionSpec.from_config(config)
+    replicated = sharding.replicated(mesh)
+    reference, rows = {}, config.batch_size
+    if spec.active:
+        rows = spec.num_candidates
+        embed = lambda p, b: trainer.embeddings(p, b, spec.score_patch_size)  # noqa: E731
+        if not spec.needs_reference:
+            trainer.scorer = Scorer(spec, embed, score_sharding=sharding.rows_sharding(mesh))
+        elif cached:
+            reference = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+                         for k in ("log_temperature", "bias")}
+            trainer.scorer = Scorer(spec, embed, reference_lib.cached_embeddings,
+                                    sharding.rows_sharding(mesh))
+        else:  # a frozen reference of the learner's architecture, placed by the same rules
+            reference = trainer.abstract_sharded_state()["params"]
+            trainer.scorer = Scorer(spec, embed, trainer.embeddings, sharding.rows_sharding(mesh))
+    state = trainer.abstract_sharded_state()
+    batch = abstract_batch(config, trainer, rows, cached and spec.needs_reference)
+    ref_sharding = jax.tree.map(lambda x: x.sharding, reference)
+    report = {"devices": mesh.size, "mesh": dict(mesh.shape), "batch": config.batch_size,
+              "candidates": rows,
+              "params_m": round(sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6, 1)}
+    start = time.perf_counter()
+    step = trainer.jit_train_step(ref_sharding).lower(state, batch, reference).compile()
+    report["train_step"] = {**memory(step), "compile_s": round(time.perf_counter() - start, 1),
+                            "tflop_per_device": round(_flops(step) / 1e12, 2)}
+    if trainer.scorer is not None:
+        start = time.perf_counter()
+        score = jax.jit(trainer.scorer, in_shardings=(
+            replicated, trainer.state_sharding["params"], ref_sharding,
+            sharding.batch_sharding(mesh))).lower(
+                jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
+                state["params"], reference, batch).compile()
+        report["scoring"] = {**memory(score), "compile_s": round(time.perf_counter() - start, 1),
+                             "tflop_per_device": round(_flops(score) / 1e12, 2)}
+    return report
+
+
+def _flops(compiled) -> float:
+    from jest_jax.metrics import compiled_flops
+
+    return compiled_flops(compiled)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="config file[:args]")
+    parser.add_argument("--vocab", type=int, default=32_000,
+                        help="vocabulary size (the paper's SentencePiece model: 32k)")
+    parser.add_argument("--online_reference", action="store_true",
+                        help="run the reference every step instead of reading the cache")
+    args = parser.parse_args()
+    report = compile_config(load_config(args.config), args.vocab, not args.online_reference)
+    print(json.dumps({"config": args.config, **report}))
+
+
+if __name__ == "__main__":
+    main()
