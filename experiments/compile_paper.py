@@ -4,11 +4,14 @@ without allocating a single array, and report what one device would need.
     XLA_FLAGS=--xla_force_host_platform_device_count=256 JAX_PLATFORMS=cpu \\
         python experiments/compile_paper.py --config configs/paper/jest.py:model=B
 
-Simulated CPU devices stand in for a v4-256 / v5p-256 slice: the SPMD partitioning,
-per-device shapes and buffer sizes are XLA's real ones, so a config that does not fit
-(or does not shard) is caught on a laptop. Memory is XLA's buffer assignment for one
-device's program (arguments + outputs + temporaries - donated aliases); a TPU's
-compiler fuses differently, so read it as an estimate, not a promise.
+Simulated CPU devices stand in for a 256-chip slice (v5litepod-256, v6e-256; a v4-512
+or v5p-512 has 256 chips too): the SPMD partitioning and per-device shapes are XLA's real
+ones, so a config that does not compile or shard is caught on a laptop. Memory is
+XLA:CPU's buffer assignment for one device's program (arguments + outputs + temporaries
+- donated aliases). Arguments and outputs (the sharded state and batch) are exact.
+Temporaries are an upper bound: XLA:CPU computes bfloat16 in float32 and does not
+schedule rematerialised blocks for memory (docs/benchmarks.md measures both), so a TPU
+compile needs less.
 """
 
 from __future__ import annotations

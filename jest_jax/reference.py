@@ -100,7 +100,9 @@ def _preprocess(config: ml_collections.ConfigDict) -> Preprocess:
 
 def _pool_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
     pool = config.data.train
-    return {"name": pool.name, "split": pool.split, "data_dir": os.path.realpath(pool.data_dir),
+    # URLs (gs://...) are already absolute; realpath would make them relative to the cwd.
+    data_dir = pool.data_dir if "://" in pool.data_dir else os.path.realpath(pool.data_dir)
+    return {"name": pool.name, "split": pool.split, "data_dir": data_dir,
             **{k: config.data[k] for k in _SHARED_DATA_FIELDS}}
 
 

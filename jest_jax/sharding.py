@@ -6,6 +6,7 @@ One code path for every device count: a one-device CPU run uses the same
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -17,9 +18,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-
-# Set on Cloud TPU VMs; jax then finds the coordinator and the workers by itself.
+# A Cloud TPU VM shows its chips as /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later);
+# GKE also sets these variables. jax then finds the slice's workers by itself (from the
+# VM's metadata server or the variables).
 _TPU_VM_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "CLOUD_TPU_TASK_ID")
+_TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def on_tpu_vm() -> bool:
+    """True on a Cloud TPU VM (or a GKE TPU node), from its environment or device files."""
+    return (any(os.environ.get(k) for k in _TPU_VM_ENV)
+            or any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES))
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -44,7 +53,7 @@ def initialize_distributed(coordinator_address: str | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
-    if any(os.environ.get(k) for k in _TPU_VM_ENV):
+    if on_tpu_vm():
         jax.distributed.initialize()
         return True
     return False
@@ -155,11 +164,10 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any], prefix: str = ""
     def one(path, leaf) -> NamedSharding:
         name = prefix + path_name(path)
         shape = tuple(getattr(leaf, "shape", ()))
-        for pattern, spec in parsed:
-            if re.search(pattern, name):
-                break
-        else:
+        match = next(((p, s) for p, s in parsed if re.search(p, name)), None)
+        if match is None:
             return NamedSharding(mesh, P())
+        pattern, spec = match
         if spec == "replicate":
             return NamedSharding(mesh, P())
         if isinstance(spec, tuple) and spec and spec[0] == "fsdp":
@@ -167,7 +175,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any], prefix: str = ""
         if len(spec) > len(shape):
             raise ValueError(f"sharding rule {pattern!r}: spec {spec} has more entries than "
                              f"{name} has dimensions {shape}")
-        for dim, entry in zip(shape, spec):
+        for dim, entry in zip(shape, spec, strict=False):  # trailing dims: unsplit
             names = entry if isinstance(entry, tuple) else (entry,)
             size = math.prod(mesh.shape[n] for n in names if n is not None)
             if dim % size:

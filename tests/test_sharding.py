@@ -195,3 +195,56 @@ def test_meshes_agree_with_one_device(data_dir, reference_workdir, tmp_path):
         run = runs[name]
         assert run["spec"] == run["mu_spec"] == run["ref_spec"] == [None, "fsdp"]
         assert run["shard_shapes"] == [[d, h // fsdp]] and run["num_shards"] == fsdp
+
+
+ROWS_SCRIPT = r"""
+import json, re, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jest_jax import criteria, scoring, sharding
+from jest_jax.selection import Embeddings
+mesh = Mesh(np.array(jax.devices()), ("data",))
+N, b, D = 256, 64, 16
+x = jax.ShapeDtypeStruct((N, D), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+out = {}
+for implementation in ("dense", "matrix_free"):
+    spec = scoring.SelectionSpec(method="joint", criterion=criteria.get("learnability"),
+                                 num_select=b, num_candidates=N, num_chunks=4,
+                                 implementation=implementation)
+    def f(key, li, lt, ri, rt):
+        e, r = (Embeddings(i, t, jnp.float32(2.3), jnp.float32(-10.0))
+                for i, t in ((li, lt), (ri, rt)))
+        return scoring.select(spec, key, e, r, sharding.rows_sharding(mesh))
+    text = jax.jit(f).lower(jax.random.key(0), x, x, x, x).compile().as_text()
+    out[implementation] = sorted(set(re.findall(r"f32\[[0-9,]+\]", text)))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_selection_never_holds_the_whole_score_matrix_on_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", ROWS_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shapes = json.loads(next(x for x in out.stdout.splitlines()
+                             if x.startswith("RESULT"))[len("RESULT"):])
+    # N = 256 candidates on 8 devices: the dense S lives as row blocks [32, 256] per device;
+    # the matrix-free path has no N-by-N or N/8-by-N array at all.
+    assert "f32[32,256]" in shapes["dense"]
+    for implementation, found in shapes.items():
+        assert "f32[256,256]" not in found, implementation
+    assert "f32[32,256]" not in shapes["matrix_free"]
+
+
+def test_distributed_flags_come_together(monkeypatch):
+    with pytest.raises(ValueError, match="need all of coordinator_address"):
+        sharding.initialize_distributed("localhost:1234", None, 0)
+    with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, 2\)"):
+        sharding.initialize_distributed("localhost:1234", 2, 2)
+    for key in sharding._TPU_VM_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sharding, "_TPU_DEVICE_FILES", ())
+    assert not sharding.on_tpu_vm()
+    assert not sharding.initialize_distributed()  # plain single-process run: nothing to join
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-256")
+    assert sharding.on_tpu_vm()
