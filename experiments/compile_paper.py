@@ -17,6 +17,7 @@ compile needs less.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import time
@@ -115,9 +116,20 @@ def main() -> None:
                         help="vocabulary size (the paper's SentencePiece model: 32k)")
     parser.add_argument("--online_reference", action="store_true",
                         help="run the reference every step instead of reading the cache")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set model.remat=False "
+                             "(VALUE is a Python literal)")
     args = parser.parse_args()
-    report = compile_config(load_config(args.config), args.vocab, not args.online_reference)
-    print(json.dumps({"config": args.config, **report}))
+    config = load_config(args.config)
+    for item in args.set:
+        field, _, value = item.partition("=")
+        *parents, last = field.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[last] = ast.literal_eval(value)
+    report = compile_config(config, args.vocab, not args.online_reference)
+    print(json.dumps({"config": args.config, "set": args.set, **report}))
 
 
 if __name__ == "__main__":
