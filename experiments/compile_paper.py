@@ -27,7 +27,9 @@ import jax.numpy as jnp
 
 from jest_jax import reference as reference_lib
 from jest_jax import sharding
-from jest_jax.scoring import Scorer, SelectionSpec
+from jest_jax.config import get_field
+from jest_jax.metrics import compiled_flops
+from jest_jax.scoring import SelectionSpec
 from jest_jax.trainer import Trainer
 
 GiB = 2**30
@@ -70,27 +72,25 @@ def compile_config(config, vocab_size: int, cached: bool = True) -> dict:
     reference, rows = {}, config.batch_size
     if spec.active:
         rows = spec.num_candidates
-        embed = lambda p, b: trainer.embeddings(p, b, spec.score_patch_size)  # noqa: E731
-        if not spec.needs_reference:
-            trainer.scorer = Scorer(spec, embed, score_sharding=sharding.rows_sharding(mesh))
-        elif cached:
+        embed_reference = None
+        if spec.needs_reference and cached:
             reference = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
                          for k in ("log_temperature", "bias")}
-            trainer.scorer = Scorer(spec, embed, reference_lib.cached_embeddings,
-                                    sharding.rows_sharding(mesh))
-        else:  # a frozen reference of the learner's architecture, placed by the same rules
+            embed_reference = reference_lib.cached_embeddings
+        elif spec.needs_reference:  # a frozen reference of the learner's architecture
             reference = trainer.abstract_sharded_state()["params"]
-            trainer.scorer = Scorer(spec, embed, trainer.embeddings, sharding.rows_sharding(mesh))
+            embed_reference = trainer.embeddings
+        trainer.scorer = reference_lib.build_scorer(spec, trainer, embed_reference)
     state = trainer.abstract_sharded_state()
     batch = abstract_batch(config, trainer, rows, cached and spec.needs_reference)
-    ref_sharding = jax.tree.map(lambda x: x.sharding, reference)
+    ref_sharding = sharding.placed(reference, mesh)
     report = {"devices": mesh.size, "mesh": dict(mesh.shape), "batch": config.batch_size,
               "candidates": rows,
               "params_m": round(sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6, 1)}
     start = time.perf_counter()
     step = trainer.jit_train_step(ref_sharding).lower(state, batch, reference).compile()
     report["train_step"] = {**memory(step), "compile_s": round(time.perf_counter() - start, 1),
-                            "tflop_per_device": round(_flops(step) / 1e12, 2)}
+                            "tflop_per_device": round(compiled_flops(step) / 1e12, 2)}
     if trainer.scorer is not None:
         start = time.perf_counter()
         score = jax.jit(trainer.scorer, in_shardings=(
@@ -99,14 +99,8 @@ def compile_config(config, vocab_size: int, cached: bool = True) -> dict:
                 jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
                 state["params"], reference, batch).compile()
         report["scoring"] = {**memory(score), "compile_s": round(time.perf_counter() - start, 1),
-                             "tflop_per_device": round(_flops(score) / 1e12, 2)}
+                             "tflop_per_device": round(compiled_flops(score) / 1e12, 2)}
     return report
-
-
-def _flops(compiled) -> float:
-    from jest_jax.metrics import compiled_flops
-
-    return compiled_flops(compiled)
 
 
 def main() -> None:
@@ -123,10 +117,8 @@ def main() -> None:
     config = load_config(args.config)
     for item in args.set:
         field, _, value = item.partition("=")
-        *parents, last = field.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
+        parent, _, last = field.rpartition(".")
+        node = get_field(config, parent) if parent else config
         node[last] = ast.literal_eval(value)
     report = compile_config(config, args.vocab, not args.online_reference)
     print(json.dumps({"config": args.config, "set": args.set, **report}))

@@ -226,12 +226,19 @@ def make_scorer(config: ml_collections.ConfigDict, trainer: Trainer
             "uses no reference; the cache is not read")
     if not spec.active:
         return None, {}, None
-    embed = functools.partial(trainer.embeddings, patch_size=spec.score_patch_size)
-    rows = sharding.rows_sharding(trainer.mesh)
     if not spec.needs_reference:
-        return Scorer(spec, embed, score_sharding=rows), {}, None
+        return build_scorer(spec, trainer), {}, None
     if config.selection.reference.cache_dir:
         cache = ReferenceCache(config)
-        return Scorer(spec, embed, cached_embeddings, rows), cache.scalars, cache
+        return build_scorer(spec, trainer, cached_embeddings), cache.scalars, cache
     ref = load(config, trainer.mesh)
-    return Scorer(spec, embed, ref.trainer.embeddings, rows), ref.params, None
+    return build_scorer(spec, trainer, ref.trainer.embeddings), ref.params, None
+
+
+def build_scorer(spec: SelectionSpec, trainer: Trainer,
+                 embed_reference: Callable | None = None) -> Scorer:
+    """The learner's scorer: its embeddings (at the scoring patch size), the reference's
+    (`cached_embeddings`, a reference trainer's `embeddings`, or None), and a dense score
+    matrix split by rows over the trainer's mesh."""
+    embed = functools.partial(trainer.embeddings, patch_size=spec.score_patch_size)
+    return Scorer(spec, embed, embed_reference, sharding.rows_sharding(trainer.mesh))

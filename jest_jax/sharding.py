@@ -151,10 +151,10 @@ def _fsdp_spec(shape: tuple[int, ...], axis: str, size: int) -> P:
     return P(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any], prefix: str = "") -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any]) -> Any:
     """A `NamedSharding` per leaf of `tree` (arrays or ShapeDtypeStructs) from regex rules.
 
-    Each leaf's path name (`prefix` + `path_name`) is matched with `re.search` against the
+    Each leaf's `path_name` is matched with `re.search` against the
     rules in order; the first match decides, and leaves no rule matches are replicated.
     Optimizer moments live under paths that end in their parameter's path, so one rule
     such as `(".*", "fsdp")` shards parameters and their Adam moments alike.
@@ -162,7 +162,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any], prefix: str = ""
     parsed = [parse_rule(r, mesh.axis_names) for r in rules]
 
     def one(path, leaf) -> NamedSharding:
-        name = prefix + path_name(path)
+        name = path_name(path)
         shape = tuple(getattr(leaf, "shape", ()))
         match = next(((p, s) for p, s in parsed if re.search(p, name)), None)
         if match is None:
@@ -192,9 +192,11 @@ def rows_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def placed(tree: Any, mesh: Mesh) -> Any:
-    """The sharding of each leaf: its own for placed `jax.Array`s, else replicated."""
-    return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) and
-                        isinstance(x.sharding, NamedSharding) else replicated(mesh), tree)
+    """The sharding of each leaf: its own for placed `jax.Array`s (or sharded
+    ShapeDtypeStructs), replicated for host values such as NumPy scalars."""
+    return jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None),
+                                                           NamedSharding)
+                        else replicated(mesh), tree)
 
 
 def to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
