@@ -45,7 +45,11 @@ def main(argv: list[str]) -> None:
     if _MODE.value != "cache" and not _WORKDIR.value:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
 
-    from jest_jax import train  # orbax, grain, TFDS: imported after validation, to fail fast
+    # orbax, grain, TFDS: imported after validation, to fail fast
+    from jest_jax import train
+    from jest_jax.checkpoint import CheckpointError
+    from jest_jax.data.records import BadRecordError
+    from jest_jax.faults import WorkdirError
 
     try:
         if _MODE.value == "train":
@@ -55,7 +59,8 @@ def main(argv: list[str]) -> None:
         else:
             train.cache_reference(config)
             return
-    except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError) as e:
+    except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError, WorkdirError,
+            BadRecordError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     for name, value in sorted(results.items()):
         print(f"{name:32s} {value:.4f}")

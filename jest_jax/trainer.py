@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jest_jax import losses, sharding
+from jest_jax import faults, losses, sharding
 from jest_jax.models import TwoTower
 from jest_jax.scoring import Scorer
 from jest_jax.selection import Embeddings
@@ -161,11 +161,13 @@ class Trainer:
         """`train_step` compiled with explicit shardings; the input state is donated.
 
         Call as `step(state, batch, reference)`; the reference (frozen params or cached
-        t'/β, `{}` when unused) is replicated.
+        t'/β, `{}` when unused) is replicated. Non-finite values are flagged, and with
+        `faults.nonfinite="skip"` their update is dropped (`faults.guard_step`).
         """
         batch_sharding = sharding.batch_sharding(self.mesh)
         replicated = sharding.replicated(self.mesh)
-        return jax.jit(self.train_step,
+        step = faults.guard_step(self.train_step, self.config.faults.nonfinite)
+        return jax.jit(step,
                        in_shardings=(self.state_sharding, batch_sharding, replicated),
                        out_shardings=(self.state_sharding, replicated),
                        donate_argnums=0)
