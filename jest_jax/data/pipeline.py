@@ -80,7 +80,7 @@ def train_dataset(
 
     `attach(record_index)` adds per-example arrays (e.g. cached reference embeddings).
     Bad records are replaced by the next good one, or raise (`records.SkipBad`); each
-    example's `bad_records` says how many were passed over for it.
+    example's `bad_records` is 1 where the record at its place was bad.
     """
     if len(source) < batch_size:
         raise ValueError(

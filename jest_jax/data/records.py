@@ -47,7 +47,7 @@ class SkipBad:
     The replacement of record r is the first good record among r+1, r+2, … (mod the
     pool size): a pure function of r, so every process, thread and resumed run makes
     the same choice and batches stay full. `load(r)` reads and preprocesses record r
-    (raising for a bad one); the example gets `bad_records`, how many were passed over.
+    (raising for a bad one); the example gets `bad_records`: 1 if record r was bad.
     With `policy="error"` the first bad record raises BadRecordError instead.
     """
 
@@ -70,7 +70,9 @@ class SkipBad:
                 print(f"warning: skipping record {record} of {self.pool}: {reason}",
                       file=sys.stderr, flush=True)
                 continue
-            example["bad_records"] = np.int32(skipped)
+            # 1 per bad record met at this stream position: a run of bad records in a row
+            # is counted once each, at its own position, not again by each replacement.
+            example["bad_records"] = np.int32(skipped > 0)
             return example
         raise BadRecordError(
             f"records {index} to {index + tries - 1} (mod {self.size}) of "
