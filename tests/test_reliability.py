@@ -238,6 +238,17 @@ def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path, where):
         train.train(tiny_config, str(workdir))
 
 
+def test_unwritable_workdir_from_the_cli_exits_1_with_the_message(tmp_path, data_dir):
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "jest_jax.main", "--config", "configs/smoke.py",
+         "--workdir", str(workdir)], cwd=ROOT, env={**os.environ, "JEST_DATA_DIR": data_dir},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"error: --workdir '{workdir}' is not writable" in result.stderr
+
+
 # --- non-finite values -------------------------------------------------------------------
 
 NAN_CRITERION = """
