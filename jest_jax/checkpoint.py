@@ -26,12 +26,14 @@ class Checkpointer:
     survive a restart like the state does.
     """
 
-    def __init__(self, workdir: str, max_to_keep: int = 3):
+    def __init__(self, workdir: str, max_to_keep: int = 3, owner: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         # A write killed half-way leaves `<step>.orbax-checkpoint-tmp-*`: never a step
-        # orbax lists, and removed here so it cannot pile up.
+        # orbax lists. The run training in `workdir` (`owner`) removes them so they cannot
+        # pile up; a reader (eval, a learner loading its reference) must not, as it could
+        # be the write in progress of a run still training there.
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

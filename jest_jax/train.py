@@ -54,8 +54,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, selection: bool = Tru
     if selection:  # before the checkpointer: a bad reference must not create the workdir
         trainer.scorer, reference, attach = reference_lib.make_scorer(config, trainer)
     faults.check_writable(workdir)  # before anything is trained, not at the first save
-    return Setup(trainer, preprocess, evaluator,
-                 Checkpointer(workdir, config.checkpoint.max_to_keep), reference, attach)
+    # Only training (set up with selection) owns the workdir's checkpoints; eval only reads.
+    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep, owner=selection)
+    return Setup(trainer, preprocess, evaluator, checkpointer, reference, attach)
 
 
 def _nonfinite_error(step: int, code: int, metrics: dict[str, float], last_good: int | None,
