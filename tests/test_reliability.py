@@ -288,7 +288,7 @@ def test_nan_selection_scores_skipped_leave_the_initial_state(tiny_config, tmp_p
         capsys.readouterr().out
     assert [r["faults/skipped_steps"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
     final = _state(config, tmp_path / "run", 4)
-    init = jax.tree.map(np.asarray, train.setup(config, str(tmp_path / "x"))
+    init = jax.tree.map(np.asarray, train.setup(config, str(tmp_path / "x"), selection=False)
                         .trainer.init_state(config.seed))
     assert final.pop("step") == 4
     init.pop("step")

@@ -158,8 +158,9 @@ def eval_batches(
 
 
 def _eval_example(source: Any, preprocess: Preprocess, index: int) -> dict[str, np.ndarray]:
-    # Eval splits are not skipped over (that would change the metric): a bad record is an error.
+    # Read whole, never skipped over (that would change an eval metric): a bad record is an error.
     try:
         return preprocess(source[index], index)
     except BadRecordError as e:
-        raise BadRecordError(f"record {index} of an evaluation split is bad: {e}") from None
+        raise BadRecordError(f"record {index} is bad: {e} (evaluation splits, and data.train "
+                             "under --mode cache, are read whole, without skipping)") from None
