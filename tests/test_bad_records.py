@@ -16,7 +16,7 @@ from jest_jax import train
 from jest_jax.config import ConfigError
 from jest_jax.data import load_split
 from jest_jax.data.datasets import prepare_quietly
-from jest_jax.data.pipeline import Preprocess, train_dataset
+from jest_jax.data.pipeline import Preprocess, eval_batches, train_dataset
 from jest_jax.data.records import BadRecordError, problem
 from jest_jax.data.tokenizer import ByteTokenizer
 from jest_jax.data.writer import _ImageTextBuilder
@@ -112,6 +112,13 @@ def test_error_policy_names_the_first_bad_record(planted):
                                              rf".*{BAD[first][1]}.*faults.bad_records='skip'"):
         for _ in range(POOL // BATCH):
             next(it)
+
+
+def test_evaluation_reads_whole_splits_so_a_bad_record_is_an_error(planted):
+    source, _ = load_split("planted", "train", planted)
+    with pytest.raises(BadRecordError, match=r"record 5 is bad: UnidentifiedImageError: .*"
+                                             r"\(evaluation splits, and data.train under"):
+        list(eval_batches(source, _preprocess(), batch_size=BATCH))
 
 
 @pytest.mark.parametrize("image,caption,expected", [

@@ -161,6 +161,7 @@ def _eval_example(source: Any, preprocess: Preprocess, index: int) -> dict[str, 
     # Read whole, never skipped over (that would change an eval metric): a bad record is an error.
     try:
         return preprocess(source[index], index)
-    except BadRecordError as e:
-        raise BadRecordError(f"record {index} is bad: {e} (evaluation splits, and data.train "
-                             "under --mode cache, are read whole, without skipping)") from None
+    except Exception as e:  # the data source's decoder may raise anything
+        why = str(e) if isinstance(e, BadRecordError) else f"{type(e).__name__}: {e}"
+        raise BadRecordError(f"record {index} is bad: {why} (evaluation splits, and data.train "
+                             "under --mode cache, are read whole, without skipping)") from e
