@@ -52,6 +52,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.text_len = 32             # tokens per caption, padded / truncated
     c.data.tokenizer = "bytes"       # "bytes" or a path to a SentencePiece .model
     c.data.num_threads = 2           # grain reader threads per process
+    c.data.max_caption_bytes = 1024  # a longer caption (UTF-8) is a bad record (see faults):
+    #                                  web alt-text that long is markup or boilerplate. Shorter
+    #                                  captions are truncated to text_len tokens as usual
 
     c.model = ml_collections.ConfigDict()
     c.model.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L
@@ -124,6 +127,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100   # also at the last step; a re-run resumes from the latest
     c.checkpoint.max_to_keep = 3     # older checkpoints are deleted
+
+    c.faults = ml_collections.ConfigDict()  # docs/reliability.md
+    c.faults.nonfinite = "stop"      # NaN/Inf in selection scores, loss, gradients or new params:
+    #                                  stop (error naming the step and the first such quantity)
+    #                                  | skip (keep params and optimizer state, count the step)
+    c.faults.bad_records = "skip"    # data.train record with an unreadable image, a wrong image
+    #                                  shape, an empty or over-long caption: skip (logged with its
+    #                                  index, counted, replaced by the next good record) | error
 
     c.logging = ml_collections.ConfigDict()
     c.logging.every_steps = 10       # progress line + metrics.jsonl row every N steps

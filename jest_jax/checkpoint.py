@@ -3,43 +3,124 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jest_jax import faults
+from jest_jax.metrics import log
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir that has some can be restored."""
 
 
 class Checkpointer:
-    """`workdir/checkpoints/<step>/{state,data}`; all processes take part (orbax)."""
+    """`workdir/checkpoints/<step>/{state,data,counters}`; all processes take part (orbax).
 
-    def __init__(self, workdir: str, max_to_keep: int = 3):
+    `counters` is a small JSON item of run totals (skipped steps, bad records) that must
+    survive a restart like the state does.
+    """
+
+    def __init__(self, workdir: str, max_to_keep: int = 3, owner: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        # A write killed half-way leaves `<step>.orbax-checkpoint-tmp-*`: never a step
+        # orbax lists. The run training in `workdir` (`owner`) removes them so they cannot
+        # pile up; a reader (eval, a learner loading its reference) must not, as it could
+        # be the write in progress of a run still training there.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               cleanup_tmp_directories=owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
+        """The newest committed checkpoint's step, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
+    def save(self, step: int, state: Any, data_iterator: Any | None = None,
+             counters: dict[str, int] | None = None) -> None:
         """Save asynchronously (arrays are copied to host first, so donation is safe)."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if counters is not None:
+            items["counters"] = ocp.args.JsonSave(counters)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        faults.maybe_kill_in_save(step, self.directory)
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None,
                 step: int | None = None) -> Any:
         """Restore `state` (shaped and sharded like `abstract_state`) and, if given,
         the data iterator in place. Defaults to the latest step."""
+        return self._restore(abstract_state, data_iterator, step)[0]
+
+    def _restore(self, abstract_state: Any, data_iterator: Any | None,
+                 step: int | None) -> tuple[Any, dict[str, int]]:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        has_counters = os.path.isdir(os.path.join(self.directory, str(step), "counters"))
+        if has_counters:  # absent in checkpoints written before counters existed
+            items["counters"] = ocp.args.JsonRestore()
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], (dict(out["counters"]) if has_counters else {})
+
+    def restore_latest_good(self, abstract_state: Any, data_iterator: Any | None = None
+                            ) -> tuple[int, Any, dict[str, int]] | None:
+        """(step, state, counters) of the newest checkpoint that restores; None if none exist.
+
+        A checkpoint that fails to restore (truncated or missing files) is skipped for the
+        one before it; once one restores, the broken newer ones are moved aside to
+        `<step>.corrupt-<time>` (never deleted) and reported, so their steps can be
+        written again. If none restores, nothing is moved: that is more likely a config
+        that no longer matches the checkpoints than corruption of all of them.
+        """
+        failures: list[tuple[int, Exception]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, counters = self._restore(abstract_state, data_iterator, step)
+            except Exception as e:  # tensorstore/orbax raise many types for bad files
+                failures.append((step, e))
+                continue
+            for bad, error in failures:
+                moved = self._move_aside(bad)
+                log(f"warning: the checkpoint at step {bad} cannot be restored "
+                    f"({_brief(error)}); moved it to {moved} and resumed from step {step}")
+            if failures:
+                self._manager.reload()
+            return step, state, counters
+        if failures:
+            detail = "; ".join(f"step {s}: {_brief(e)}" for s, e in failures)
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored ({detail}). If the config "
+                "changed since they were written, use a new workdir; if they are damaged, "
+                "move them away to start over")
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        target = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        return target
+
+    def reached_preemption(self, step: int) -> bool:
+        """orbax's multi-host preemption sync point (see `faults.Preemption`)."""
+        return self._manager.reached_preemption(step)
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _brief(error: Exception) -> str:
+    """First line of an error, capped: tensorstore errors run to pages of spec."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"

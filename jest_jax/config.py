@@ -5,20 +5,23 @@ Runs before any data is read or anything is compiled.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
+from configs import common
 from jest_jax import criteria
 from jest_jax.models import VARIANTS
 from jest_jax.scoring import IMPLEMENTATIONS, METHODS, super_batch_size
 
-TOP_LEVEL = {"seed", "batch_size", "total_steps", "data", "model", "loss", "optimizer",
-             "selection", "evals", "mesh", "checkpoint", "logging"}
 EVAL_KINDS = ("zero_shot", "retrieval")
 EVAL_OPTIONS = ("every_steps", "batch_size", "max_examples")
+NONFINITE_POLICIES = ("stop", "skip")
+BAD_RECORD_POLICIES = ("skip", "error")
 
 
 class ConfigError(ValueError):
@@ -67,12 +70,45 @@ def _pool(config, field: str) -> None:
                "must be a non-empty string")
 
 
+@functools.cache
+def _schema() -> ml_collections.ConfigDict:
+    """Every known field: the shared defaults of `configs/common.py`, which document them."""
+    return common.get_base_config()
+
+
+def _known_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                  path: str = "") -> None:
+    """ConfigError for a key, at any depth, that the schema does not have (a typo)."""
+    tasks = {task.kind: task for name, task in _schema().evals.items() if name not in EVAL_OPTIONS}
+    for key in config.keys():
+        value, field = config[key], f"{path}{key}"
+        if path == "evals." and key not in EVAL_OPTIONS:
+            # A task may have any name; its fields are those of the shipped task of its kind.
+            kind = value.get("kind") if isinstance(value, ml_collections.ConfigDict) else None
+            expected = tasks.get(kind)  # an unknown kind is reported by the task checks
+        elif key in schema:
+            expected = schema[key]
+        else:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "typo?"
+            where = f"config.{path[:-1]}" if path else "config"
+            raise ConfigError(f"config.{field} is not a known field ({hint}); the fields of "
+                              f"{where} are {sorted(schema.keys())}")
+        if isinstance(expected, ml_collections.ConfigDict):
+            _check(isinstance(value, ml_collections.ConfigDict), field, value,
+                   f"must be a group of fields {sorted(expected.keys())}")
+            _known_fields(value, expected, field + ".")
+
+
+def _bool(config, field: str) -> bool:
+    value = get_field(config, field)
+    _check(isinstance(value, bool), field, value, "must be True or False")
+    return value
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError for the first invalid field; `num_devices` enables mesh checks."""
-    unknown = sorted(set(config.keys()) - TOP_LEVEL)
-    if unknown:
-        raise ConfigError(f"config.{unknown[0]} is not a known field (typo?); "
-                          f"top-level fields are {sorted(TOP_LEVEL)}")
+    _known_fields(config, _schema())
     _int(config, "seed", 0, 2**32 - 1)
     batch = _int(config, "batch_size", 1)
     _int(config, "total_steps", 1)
@@ -81,6 +117,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     image_size = _int(config, "data.image_size", 1)
     _int(config, "data.text_len", 2)
     _int(config, "data.num_threads", 0)
+    _int(config, "data.max_caption_bytes", 1)
     tokenizer = get_field(config, "data.tokenizer")
     _check(tokenizer == "bytes" or (isinstance(tokenizer, str) and os.path.isfile(tokenizer)),
            "data.tokenizer", tokenizer,
@@ -126,8 +163,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _pool(config, f"evals.{name}.data")
         if task.kind == "zero_shot":
             keys = get_field(config, f"evals.{name}.label_keys")
-            _check(isinstance(keys, (tuple, list)) and len(keys) > 0, f"evals.{name}.label_keys",
+            _check(isinstance(keys, (tuple, list)) and len(keys) > 0
+                   and all(isinstance(k, str) and k for k in keys), f"evals.{name}.label_keys",
                    keys, "must be a non-empty list of label feature names")
+            templates = get_field(config, f"evals.{name}.templates")
+            _check(isinstance(templates, (tuple, list))
+                   and all(isinstance(t, str) and "{}" in t for t in templates),
+                   f"evals.{name}.templates", templates,
+                   "must be a list of prompt strings, each with one '{}' for the class name "
+                   "(empty: the dataset's own)")
 
     axes, shape = get_field(config, "mesh.axes"), get_field(config, "mesh.shape")
     _check(isinstance(axes, (tuple, list)) and len(axes) > 0 and len(set(axes)) == len(axes),
@@ -164,7 +208,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     _int(config, "checkpoint.every_steps", 1)
     _int(config, "checkpoint.max_to_keep", 1)
+    _choice(config, "faults.nonfinite", NONFINITE_POLICIES)
+    _choice(config, "faults.bad_records", BAD_RECORD_POLICIES)
     _int(config, "logging.every_steps", 1)
+    _bool(config, "logging.tensorboard")
 
 
 def _selection(config, batch: int, image_size: int) -> int:

@@ -66,7 +66,11 @@ def main(argv: list[str]) -> None:
                                         _PROCESS_ID.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    from jest_jax import train  # orbax, grain, TFDS: imported after validation, to fail fast
+    # orbax, grain, TFDS: imported after validation, to fail fast
+    from jest_jax import train
+    from jest_jax.checkpoint import CheckpointError
+    from jest_jax.data.records import BadRecordError
+    from jest_jax.faults import WorkdirError
 
     try:
         if _MODE.value == "train":
@@ -76,7 +80,8 @@ def main(argv: list[str]) -> None:
         else:
             train.cache_reference(config)
             return
-    except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError) as e:
+    except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError, WorkdirError,
+            BadRecordError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         for name, value in sorted(results.items()):

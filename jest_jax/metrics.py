@@ -69,7 +69,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    # A run killed mid-write may leave a last line without its newline: not a row yet.
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 class Progress:

@@ -26,6 +26,8 @@ IMPLEMENTATIONS = ("auto", "dense", "matrix_free")
 # of a step and dense is the simpler program; above, matrix-free was faster at every size
 # measured (1.03x at N=320 to 4.3x at N=16384 on CPU) and far smaller (docs/benchmarks.md).
 DENSE_MAX_CANDIDATES = 256
+# Metric the train step's non-finite guard reads (and drops): were the scores usable?
+SCORES_OK = "selection/scores_ok"
 
 Embed = Callable[[Any, dict[str, jax.Array]], Embeddings]
 
@@ -78,8 +80,11 @@ class SelectionSpec:
 
 
 def select(spec: SelectionSpec, key: jax.Array, learner: Embeddings | None,
-           reference: Embeddings | None, score_sharding: Any = None) -> jax.Array:
-    """The `spec.num_select` indices chosen by `spec.method` from the candidates.
+           reference: Embeddings | None,
+           score_sharding: Any = None) -> tuple[jax.Array, jax.Array | None]:
+    """The `spec.num_select` indices chosen by `spec.method` from the candidates, and the
+    scores the choice was made from (None for uniform): per-example scores for
+    independent selection, every chunk's conditional scores for joint selection.
 
     `score_sharding` places a dense N×N score matrix (split by rows over the devices, so
     no device holds all of it); the matrix-free path never builds one.
@@ -92,7 +97,7 @@ def select(spec: SelectionSpec, key: jax.Array, learner: Embeddings | None,
         return jax.lax.with_sharding_constraint(scores, score_sharding)
 
     if spec.method == "uniform":
-        return selection.uniform_select(key, spec.num_candidates, spec.num_select)
+        return selection.uniform_select(key, spec.num_candidates, spec.num_select), None
     if spec.method == "independent":
         if spec.implementation == "dense":
             scores = dense_scores().sum(axis=1)
@@ -100,13 +105,18 @@ def select(spec: SelectionSpec, key: jax.Array, learner: Embeddings | None,
             scores = selection.row_scores_from_embeddings(
                 learner, reference, spec.criterion, block_size=spec.num_select)
         return selection.independent_select(key, scores, spec.num_select, spec.sampling,
-                                            spec.score_gain)
+                                            spec.score_gain), scores
     if spec.implementation == "dense":
         return selection.joint_select(key, dense_scores(), spec.num_select, spec.num_chunks,
-                                      spec.score_gain)
+                                      spec.score_gain, return_conditionals=True)
     return selection.joint_select_from_embeddings(key, learner, reference, spec.criterion,
                                                   spec.num_select, spec.num_chunks,
-                                                  spec.score_gain)
+                                                  spec.score_gain, return_conditionals=True)
+
+
+def scores_ok(scores: jax.Array) -> jax.Array:
+    """No NaN and no +inf. -inf is allowed: it is how a criterion says "never pick this"."""
+    return ~jnp.any(jnp.isnan(scores) | (scores == jnp.inf))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +140,12 @@ class Scorer:
         select_key, random_key = jax.random.split(key)
         metrics: dict[str, jax.Array] = {}
         if spec.method == "uniform":
-            idx = select(spec, select_key, None, None)
+            idx, _ = select(spec, select_key, None, None)
         else:
             learner = self.embed_learner(params, batch)
             ref = self.embed_reference(reference, batch) if spec.needs_reference else None
-            idx = select(spec, select_key, learner, ref, self.score_sharding)
+            idx, scores = select(spec, select_key, learner, ref, self.score_sharding)
+            metrics[SCORES_OK] = scores_ok(scores)
             # The baseline is a random sub-batch of the same size: batch scores grow with
             # batch size (off-diagonal sums), so the super-batch itself is no yardstick.
             baseline = selection.uniform_select(random_key, spec.num_candidates,

@@ -10,11 +10,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from jest_jax import config as config_lib
+from jest_jax import faults, sharding
 from jest_jax import reference as reference_lib
-from jest_jax import sharding
 from jest_jax.checkpoint import Checkpointer
 from jest_jax.data.datasets import open_pool
 from jest_jax.data.pipeline import Preprocess, train_dataset
@@ -25,7 +24,8 @@ from jest_jax.trainer import Trainer
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced NaN/Inf; the message names the step and the last good checkpoint."""
+    """Training produced NaN/Inf; the message names the step, the first non-finite
+    quantity and the last good checkpoint."""
 
 
 @dataclasses.dataclass
@@ -46,24 +46,28 @@ def setup(config: ml_collections.ConfigDict, workdir: str, selection: bool = Tru
     config_lib.validate(config, num_devices=jax.device_count())
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
     tokenizer = make_tokenizer(config.data.tokenizer)
-    preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
+    preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len,
+                            config.data.max_caption_bytes)
     trainer = Trainer(config, mesh, tokenizer.vocab_size)
     evaluator = Evaluator(config, trainer, preprocess)
     reference, attach = {}, None
     if selection:  # before the checkpointer: a bad reference must not create the workdir
         trainer.scorer, reference, attach = reference_lib.make_scorer(config, trainer)
-    return Setup(trainer, preprocess, evaluator,
-                 Checkpointer(workdir, config.checkpoint.max_to_keep), reference, attach)
+    faults.check_writable(workdir)  # before anything is trained, not at the first save
+    # Only training (set up with selection) owns the workdir's checkpoints; eval only reads.
+    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep, owner=selection)
+    return Setup(trainer, preprocess, evaluator, checkpointer, reference, attach)
 
 
-def _check_finite(step: int, metrics: dict[str, float], last_good: int | None,
-                  ckpt_dir: str) -> None:
-    for name in ("loss", "grad_norm"):
-        if not np.isfinite(metrics[name]):
-            kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}"
-                    if last_good is not None else "no checkpoint was written")
-            raise NonFiniteLossError(
-                f"non-finite {name}={metrics[name]} at step {step}; stopping: {kept}")
+def _nonfinite_error(step: int, code: int, metrics: dict[str, float], last_good: int | None,
+                     ckpt_dir: str) -> NonFiniteLossError:
+    first = faults.nonfinite_quantities(code)[0]
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}"
+            if last_good is not None else "no checkpoint was written")
+    return NonFiniteLossError(
+        f"non-finite {first} at step {step} (loss={metrics['loss']}, grad_norm="
+        f"{metrics['grad_norm']}); stopping: {kept}. config.faults.nonfinite='skip' would "
+        "skip such steps instead")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -82,7 +86,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         data = train_dataset(source, s.preprocess, batch_size=draw, attach=s.attach,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(),
-                             num_threads=config.data.num_threads)
+                             num_threads=config.data.num_threads,
+                             bad_records=config.faults.bad_records)
     except ValueError as e:
         why = (f" (with selection each step draws a super-batch of N = batch_size / "
                f"(1 - selection.filter_ratio) = {draw})" if trainer.scorer else "")
@@ -93,35 +98,52 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    last_good = ckpt.latest_step()
-    if last_good is not None:
-        state = ckpt.restore(trainer.abstract_sharded_state(), data_iter)
+    # Run totals that must survive restarts; saved in each checkpoint.
+    counters = {"skipped_steps": 0, "bad_records": 0}
+    restored = ckpt.restore_latest_good(trainer.abstract_sharded_state(), data_iter)
+    if restored is not None:
+        last_good, state, saved = restored
+        counters.update(saved)
         log(f"resuming from the checkpoint at step {last_good} in {ckpt.directory}")
     else:
-        state = trainer.init_state(config.seed)
+        last_good, state = None, trainer.init_state(config.seed)
     start = int(state["step"])
     writer = MetricWriter(workdir, config.logging.tensorboard)
     writer.truncate_after(start)  # drop rows a crashed run logged after its last checkpoint
 
+    def next_batch() -> tuple[dict, jax.Array]:
+        """The next global batch, and how many bad records were passed over to fill it."""
+        batch = sharding.to_global(next(data_iter), mesh)
+        return batch, batch.pop("bad_records")
+
     step_fn = trainer.jit_train_step(sharding.placed(s.reference, mesh))
-    batch = sharding.to_global(next(data_iter), mesh) if start < config.total_steps else None
+    batch, bad = next_batch() if start < config.total_steps else (None, None)
     # XLA reports the per-device program; the run executes it on every device.
     flops_per_step = (compiled_flops(step_fn.lower(state, batch, s.reference).compile()) * mesh.size
                       if batch is not None else float("nan"))
     progress = Progress(config.total_steps, start)
     results: dict[str, float] = {}
-    pending: tuple[int, dict] | None = None
+    pending: tuple[int, dict, jax.Array] | None = None
 
-    def report(step: int, metrics: dict) -> None:
+    def report(step: int, metrics: dict, bad: jax.Array) -> None:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, host, last_good, ckpt.directory)
+        code = int(host.pop(faults.NONFINITE))
+        counters["bad_records"] += int(bad.sum())
+        if code:
+            if config.faults.nonfinite == "stop":
+                raise _nonfinite_error(step, code, host, last_good, ckpt.directory)
+            counters["skipped_steps"] += 1
+            log(f"warning: non-finite {', '.join(faults.nonfinite_quantities(code))} at step "
+                f"{step}: update skipped ({counters['skipped_steps']} skipped in this run)")
         if step % config.logging.every_steps == 0 or step == config.total_steps:
             shown = {"loss": host["loss"]}
             if "selection/clean_selected" in host:
                 shown["clean"] = host["selection/clean_selected"]
             progress.update(step, shown)
             writer.write(step, {**host, "steps_per_sec": progress.steps_per_sec,
-                                "flops": flops_per_step * step})
+                                "flops": flops_per_step * step,
+                                "faults/skipped_steps": counters["skipped_steps"],
+                                "data/bad_records": counters["bad_records"]})
 
     def evaluate(step: int) -> dict[str, float]:
         out = s.evaluator.run(state["params"])
@@ -132,26 +154,32 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         return out
 
     try:
-        for step in range(start + 1, config.total_steps + 1):
-            state, metrics = step_fn(state, batch, s.reference)
-            if pending is not None:  # fetched a step late: the device is already busy
-                report(*pending)
-            pending = (step, metrics)
-            final, stopping = step == config.total_steps, step == stop_at_step
-            if step % config.checkpoint.every_steps == 0 or final or stopping:
-                report(*pending)  # never checkpoint a step whose loss was not checked
-                pending = None
-                # Saved before the next batch is drawn, so a resume redraws it.
-                ckpt.save(step, state, data_iter)
-                last_good = step
-                progress.restart_clock(step)
-            if (config.evals.every_steps and step % config.evals.every_steps == 0) or final:
-                results = evaluate(step)
-            if stopping and not final:
-                log(f"stopping at step {step} (stop_at_step); re-run to resume")
-                break
-            if not final:
-                batch = sharding.to_global(next(data_iter), mesh)
+        with faults.Preemption(ckpt.reached_preemption) as preemption:
+            for step in range(start + 1, config.total_steps + 1):
+                state, metrics = step_fn(state, batch, s.reference)
+                if pending is not None:  # fetched a step late: the device is already busy
+                    report(*pending)
+                pending = (step, metrics, bad)
+                final, stopping = step == config.total_steps, step == stop_at_step
+                preempted = preemption.reached(step)
+                if step % config.checkpoint.every_steps == 0 or final or stopping or preempted:
+                    report(*pending)  # never checkpoint a step that was not checked
+                    pending = None
+                    # Saved before the next batch is drawn, so a resume redraws it.
+                    ckpt.save(step, state, data_iter, dict(counters))
+                    last_good = step
+                    progress.restart_clock(step)
+                if preempted and not final:
+                    log(f"preempted: stopped after step {step} and wrote its checkpoint in "
+                        f"{ckpt.directory}; re-run the same command to resume")
+                    break
+                if (config.evals.every_steps and step % config.evals.every_steps == 0) or final:
+                    results = evaluate(step)
+                if stopping and not final:
+                    log(f"stopping at step {step} (stop_at_step); re-run to resume")
+                    break
+                if not final:
+                    batch, bad = next_batch()
         if start >= config.total_steps:
             log(f"already trained to step {start}; evaluating the final checkpoint")
             results = s.evaluator.run(state["params"])

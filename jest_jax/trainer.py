@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jest_jax import losses, sharding
+from jest_jax import faults, losses, sharding
 from jest_jax.models import TwoTower
 from jest_jax.scoring import Scorer
 from jest_jax.selection import Embeddings
@@ -168,11 +168,13 @@ class Trainer:
 
         Call as `step(state, batch, reference)`. The reference (frozen params placed by
         the same rules as the learner's, or cached t'/β; `{}` when unused) keeps
-        `reference_sharding` (default: replicated).
+        `reference_sharding` (default: replicated). Non-finite values are flagged, and with
+        `faults.nonfinite="skip"` their update is dropped (`faults.guard_step`).
         """
         batch_sharding = sharding.batch_sharding(self.mesh)
         replicated = sharding.replicated(self.mesh)
-        return jax.jit(self.train_step,
+        step = faults.guard_step(self.train_step, self.config.faults.nonfinite)
+        return jax.jit(step,
                        in_shardings=(self.state_sharding, batch_sharding,
                                      reference_sharding or replicated),
                        out_shardings=(self.state_sharding, replicated),

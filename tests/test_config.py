@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_collections
 import pytest
 
 from configs import common, shapes, smoke
@@ -69,16 +70,18 @@ INVALID = [
 ]
 
 
-def _smoke_with(field: str, value):
-    """The smoke config with dotted `field` set to `value`."""
-    config = smoke.get_config()
-    config.unlock()
-    *parents, leaf = field.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-    return config
+def _smoke_with(field: str, value, **more):
+    """The smoke config with dotted `field` set to `value` (and `more`, "__" for "."),
+    whatever the type: rebuilt from a dict, past ConfigDict's own type checks, as a
+    config from JSON or a user's file would be."""
+    tree = smoke.get_config().to_dict()
+    for name, v in {field: value, **{k.replace("__", "."): v for k, v in more.items()}}.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return ml_collections.ConfigDict(tree)
 
 
 @pytest.mark.parametrize("field,value,message", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
@@ -102,6 +105,74 @@ def test_messages_are_distinct():
             validate(_smoke_with(field, value), num_devices=8)
         messages.add(str(err.value))
     assert len(messages) == len(INVALID)
+
+
+# Typos at any depth, wrong types, the fault policies, and checks that need other fields.
+MORE_INVALID = [
+    # (field, bad value, other fields, expected message fragment)
+    ("checkpoints", {}, {}, r"config.checkpoints is not a known field \(did you mean "
+                            r"'checkpoint'\?\); the fields of config are \["),
+    ("optimizer.learnng_rate", 1e-3, {}, r"config.optimizer.learnng_rate is not a known field "
+                                         r"\(did you mean 'learning_rate'\?\)"),
+    ("data.train.splt", "raw", {}, r"config.data.train.splt is not a known field \(did you "
+                                   r"mean 'split'\?\); the fields of config.data.train are"),
+    ("selection.reference.cache", "x", {}, r"config.selection.reference.cache is not a known "
+                                           r"field \(did you mean 'cache_dir'\?\)"),
+    ("evals.zero_shot.label_key", ("shape",), {}, "config.evals.zero_shot.label_key is not a "
+                                                  "known field"),
+    ("evals.mine", {"kind": "retrieval", "data": {"name": "x", "split": "y", "data_dir": "z"},
+                    "labels": 1}, {}, r"config.evals.mine.labels is not a known field \(typo"),
+    ("faults.on_nan", "skip", {}, "config.faults.on_nan is not a known field"),
+    ("model", 3, {}, r"config.model=3 is invalid: must be a group of fields \["),
+    ("batch_size", "64", {}, r"config.batch_size='64' is invalid: must be an integer"),
+    ("batch_size", 64.0, {}, r"config.batch_size=64.0 is invalid: must be an integer"),
+    ("total_steps", True, {}, "config.total_steps=True is invalid: must be an integer"),
+    ("optimizer.learning_rate", "1e-3", {}, "config.optimizer.learning_rate='1e-3' is invalid"),
+    ("logging.tensorboard", "yes", {}, "config.logging.tensorboard='yes' is invalid: must be "
+                                       "True or False"),
+    ("evals.zero_shot.templates", ("a photo",), {}, r"config.evals.zero_shot.templates=.* is "
+                                                    r"invalid: .* each with one '\{\}'"),
+    ("faults.nonfinite", "ignore", {}, r"config.faults.nonfinite='ignore' is invalid: must be "
+                                       r"one of \['stop', 'skip'\]"),
+    ("faults.bad_records", "drop", {}, r"config.faults.bad_records='drop' is invalid: must be "
+                                       r"one of \['skip', 'error'\]"),
+    ("data.max_caption_bytes", 0, {}, r"config.data.max_caption_bytes=0 is invalid"),
+    ("mesh.shape", (2, 2), {"mesh__axes": ("data", "model")},
+     r"config.mesh.shape=\(2, 2\) uses 4 devices, but 8 are available"),
+    ("selection.num_chunks", 24, {"selection__method": "joint", "selection__filter_ratio": 0.5,
+                                  "selection__criterion": "hard_learner"},
+     "config.selection.num_chunks=24 is invalid: must divide batch_size=64"),
+    ("selection.filter_ratio", 0.7, {"selection__method": "joint"},
+     r"= 64/\(1-0.7\) = 213.333 is not an integer"),
+    ("selection.method", "independent", {"selection__filter_ratio": 0.5},
+     "config.selection.reference.workdir='' is invalid: criterion 'learnability' needs a "
+     "reference model"),
+    ("selection.reference.workdir", "/no/such/run", {"selection__method": "joint",
+                                                     "selection__filter_ratio": 0.5},
+     "config.selection.reference.workdir='/no/such/run' is invalid: has no checkpoint"),
+    ("evals.batch_size", 60, {}, "config.evals.batch_size=60 is invalid: must be divisible by "
+                                 "the 8 devices"),
+]
+
+
+@pytest.mark.parametrize("field,value,more,message", MORE_INVALID,
+                         ids=[f"{f}={v!r}" for f, v, _, _ in MORE_INVALID])
+def test_more_invalid_configs_fail_with_their_message(field, value, more, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(_smoke_with(field, value, **more), num_devices=8)
+
+
+def test_more_invalid_messages_are_distinct():
+    messages = set()
+    for field, value, more, _ in MORE_INVALID:
+        with pytest.raises(ConfigError) as err:
+            validate(_smoke_with(field, value, **more), num_devices=8)
+        messages.add(str(err.value))
+    assert len(messages) == len(MORE_INVALID)
+
+
+def test_every_default_field_is_known_and_valid():
+    validate(ml_collections.ConfigDict(common.get_base_config().to_dict()), num_devices=1)
 
 
 def _joint(**selection):

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from jest_jax.data.records import BadRecordError, SkipBad, problem
 from jest_jax.data.tokenizer import Tokenizer
 
 _SKIP = ("image", "caption")
@@ -26,14 +27,20 @@ class Preprocess:
 
     Scalar numeric fields (labels, `is_clean`, …) are kept for evaluation and
     diagnostics. Images stay uint8 on the host; normalisation happens on device.
+    A bad record (`records.problem`) raises BadRecordError.
     """
 
-    def __init__(self, image_size: int, tokenizer: Tokenizer, text_len: int):
+    def __init__(self, image_size: int, tokenizer: Tokenizer, text_len: int,
+                 max_caption_bytes: int | None = None):
         self.image_size = image_size
         self.tokenizer = tokenizer
         self.text_len = text_len
+        self.max_caption_bytes = max_caption_bytes
 
     def __call__(self, record: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
+        why = problem(record, self.max_caption_bytes)
+        if why is not None:
+            raise BadRecordError(why)
         out = {
             "image": self._image(np.asarray(record["image"])),
             "tokens": self.tokenizer.encode(record["caption"], self.text_len),
@@ -67,10 +74,13 @@ def train_dataset(
     process_count: int = 1,
     num_threads: int = 2,
     attach: Callable[[int], dict[str, np.ndarray]] | None = None,
+    bad_records: str = "skip",
 ) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled each epoch) batches of this process's share.
 
     `attach(record_index)` adds per-example arrays (e.g. cached reference embeddings).
+    Bad records are replaced by the next good one, or raise (`records.SkipBad`); each
+    example's `bad_records` is 1 where the record at its place was bad.
     """
     if len(source) < batch_size:
         raise ValueError(
@@ -84,7 +94,7 @@ def train_dataset(
     ds = (
         grain.MapDataset.range(sys.maxsize)
         .map(_GlobalPosition(order, batch_size, local, process_index))
-        .map(_Load(source, preprocess, attach))
+        .map(SkipBad(_Load(source, preprocess, attach), len(source), bad_records))
         .batch(local, drop_remainder=True)
     )
     # Buffer counts elements of the batched dataset: a couple of batches suffices.
@@ -134,7 +144,8 @@ def eval_batches(
     local = batch_size // process_count
     for start in range(0, total, batch_size):
         first = start + process_index * local
-        rows = [preprocess(source[i], i) for i in range(first, min(first + local, total))]
+        rows = [_eval_example(source, preprocess, i)
+                for i in range(first, min(first + local, total))]
         template = rows[0] if rows else preprocess(source[0], 0)
         batch = {}
         for key, value in template.items():
@@ -144,3 +155,13 @@ def eval_batches(
             batch[key] = stacked
         batch["mask"] = np.arange(local) < len(rows)
         yield batch
+
+
+def _eval_example(source: Any, preprocess: Preprocess, index: int) -> dict[str, np.ndarray]:
+    # Read whole, never skipped over (that would change an eval metric): a bad record is an error.
+    try:
+        return preprocess(source[index], index)
+    except Exception as e:  # the data source's decoder may raise anything
+        why = str(e) if isinstance(e, BadRecordError) else f"{type(e).__name__}: {e}"
+        raise BadRecordError(f"record {index} is bad: {why} (evaluation splits, and data.train "
+                             "under --mode cache, are read whole, without skipping)") from e

@@ -1,0 +1,79 @@
+"""Bad records: what makes an image–caption record unusable, and how training skips it.
+
+A record is bad when reading it fails (an undecodable image raises inside the data
+source), its image does not have an image's shape (H×W, or H×W×C with C in 1, 3, 4;
+uint8; non-empty), or its caption is empty or longer than `data.max_caption_bytes`.
+docs/reliability.md describes the skip policy and why it keeps runs resumable.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+# A run of this many bad records in a row is a broken dataset, not a few bad records.
+MAX_CONSECUTIVE_BAD = 100
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA (alpha dropped)
+
+
+class BadRecordError(ValueError):
+    """A training record that cannot be used; the message names its index and why."""
+
+
+def problem(record: Mapping[str, Any], max_caption_bytes: int | None) -> str | None:
+    """Why `record` cannot be trained on, or None if it can."""
+    image = np.asarray(record["image"])
+    if image.dtype != np.uint8:
+        return f"image dtype is {image.dtype}, expected uint8"
+    shape_ok = (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in CHANNELS))
+    if not shape_ok or 0 in image.shape:
+        return (f"image shape is {image.shape}, expected [H, W] or [H, W, C] with C in "
+                f"{CHANNELS} and H, W > 0")
+    caption = record["caption"]
+    raw = caption.encode("utf-8") if isinstance(caption, str) else bytes(caption)
+    if not raw.strip():
+        return "caption is empty"
+    if max_caption_bytes is not None and len(raw) > max_caption_bytes:
+        return f"caption is {len(raw)} bytes long, over data.max_caption_bytes={max_caption_bytes}"
+    return None
+
+
+class SkipBad:
+    """Record index → example, replacing a bad record by the next good one in the pool.
+
+    The replacement of record r is the first good record among r+1, r+2, … (mod the
+    pool size): a pure function of r, so every process, thread and resumed run makes
+    the same choice and batches stay full. `load(r)` reads and preprocesses record r
+    (raising for a bad one); the example gets `bad_records`: 1 if record r was bad.
+    With `policy="error"` the first bad record raises BadRecordError instead.
+    """
+
+    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], size: int, policy: str,
+                 pool: str = "the training pool"):
+        self.load, self.size, self.policy, self.pool = load, size, policy, pool
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        reason, tries = "", min(MAX_CONSECUTIVE_BAD, self.size)
+        for skipped in range(tries):
+            record = (index + skipped) % self.size
+            try:
+                example = self.load(record)
+            except Exception as e:  # a data source or decoder may raise anything
+                reason = str(e) if isinstance(e, BadRecordError) else f"{type(e).__name__}: {e}"
+                if self.policy == "error":
+                    raise BadRecordError(
+                        f"record {record} of {self.pool} is bad: {reason} (set "
+                        "config.faults.bad_records='skip' to skip bad records)") from e
+                print(f"warning: skipping record {record} of {self.pool}: {reason}",
+                      file=sys.stderr, flush=True)
+                continue
+            # 1 per bad record met at this stream position: a run of bad records in a row
+            # is counted once each, at its own position, not again by each replacement.
+            example["bad_records"] = np.int32(skipped > 0)
+            return example
+        raise BadRecordError(
+            f"records {index} to {index + tries - 1} (mod {self.size}) of "
+            f"{self.pool} are all bad (last: {reason}); the dataset looks broken")

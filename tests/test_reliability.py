@@ -1,0 +1,382 @@
+"""Runs that are killed, preempted, corrupted or hit NaN lose nothing (docs/reliability.md).
+
+Interrupted runs are subprocesses killed for real (SIGKILL at a seeded random moment,
+SIGKILL while a checkpoint is being written, SIGTERM); each is resumed and must end with
+a state (params, optimizer state, step) bitwise equal to an uninterrupted run's, and
+with the same metric rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jest_jax import faults, train
+from jest_jax.checkpoint import CheckpointError
+from jest_jax.metrics import read_metrics
+from jest_jax.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 18  # "2k": interruption points k are drawn from a seeded generator below it
+PROGRESS = re.compile(r"^\[\s*(\d+)/\d+\]")
+CHILD = """
+import json, sys
+import ml_collections
+from jest_jax import train
+train.train(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2])
+"""
+
+
+def _short(config, steps: int = TOTAL):
+    """Every step logged, a checkpoint every 2 steps, no evaluation: fast and fine-grained."""
+    config.total_steps = steps
+    config.logging.every_steps = 1
+    config.checkpoint.every_steps = 2
+    config.checkpoint.max_to_keep = 3
+    config.logging.tensorboard = False
+    del config.evals.zero_shot, config.evals.retrieval
+    return config
+
+
+def _child(config, workdir, tmp_path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+           # Resumed children run the same programs: reuse their compilation.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, config.to_json(), str(workdir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    threading.Timer(300, proc.kill).start()  # a hung child fails the test, never hangs it
+    return proc
+
+
+def _interrupt(proc: subprocess.Popen, after_step: int, sig: int, delay: float) -> str:
+    """Send `sig` `delay` s after the child logs step >= `after_step`; its whole output."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = PROGRESS.match(line)
+        if m and int(m.group(1)) >= after_step:
+            time.sleep(delay)
+            proc.send_signal(sig)
+            break
+    lines.append(proc.stdout.read())
+    proc.wait()
+    return "".join(lines)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out = proc.stdout.read()
+    proc.wait()
+    return out
+
+
+def _assert_resumed_from(out: str, step: int) -> None:
+    """The run's log says it resumed from `step` (0: started afresh, nothing committed yet)."""
+    if step:
+        assert f"resuming from the checkpoint at step {step} " in out, out[-2000:]
+    else:
+        assert "resuming from" not in out, out[-2000:]
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _state(config, workdir, step: int) -> dict:
+    s = train.setup(config, str(workdir), selection=False)
+    try:
+        state = s.checkpointer.restore(s.trainer.abstract_sharded_state(), step=step)
+    finally:
+        s.checkpointer.close()
+    return jax.tree.map(np.asarray, state)
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+
+
+def _rows(workdir) -> list[dict]:
+    """Training rows without the wall-clock field, which alone may differ between runs."""
+    return [{k: v for k, v in r.items() if k != "steps_per_sec"}
+            for r in read_metrics(str(workdir)) if "loss" in r]
+
+
+def _straight(config, workdir) -> tuple[dict, list[dict]]:
+    train.train(config, str(workdir))
+    return _state(config, workdir, config.total_steps), _rows(workdir)
+
+
+@pytest.mark.slow
+def test_uniform_run_killed_and_preempted_resumes_bitwise(tiny_config, tmp_path, capsys):
+    config = _short(tiny_config)
+    expected_state, expected_rows = _straight(config, tmp_path / "straight")
+    rng = np.random.default_rng(20240611)
+    work = tmp_path / "interrupted"
+
+    # 1. kill -9 at a random moment after step k1 (mid-step, mid-log or mid-save).
+    k1 = int(rng.integers(3, 7))
+    proc = _child(config, work, tmp_path)
+    out = _interrupt(proc, k1, signal.SIGKILL, rng.uniform(0, 0.1))
+    assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    resumed = max(_steps(work), default=0)
+    assert resumed < TOTAL
+
+    # 2. kill -9 while the checkpoint of step k2 is being written (test hook).
+    k2 = resumed + 2 * int(rng.integers(1, 3))
+    proc = _child(config, work, tmp_path, {faults.KILL_IN_SAVE_ENV: str(k2)})
+    out = _finish(proc)
+    assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    _assert_resumed_from(out, resumed)
+    names = os.listdir(work / "checkpoints")
+    assert str(k2) not in names and any(n.startswith(f"{k2}.orbax-checkpoint-tmp") for n in names)
+
+    # 3. SIGTERM after step k3: finish the step, checkpoint, exit 0 with a message.
+    k3 = int(rng.integers(k2 + 1, TOTAL - 4))
+    proc = _child(config, work, tmp_path)
+    out = _interrupt(proc, k3, signal.SIGTERM, 0.0)
+    assert proc.returncode == 0, out[-2000:]
+    _assert_resumed_from(out, k2 - 2)  # not from the half-written k2
+    stopped = int(re.search(r"preempted: stopped after step (\d+) and wrote its checkpoint",
+                            out).group(1))
+    assert k3 <= stopped < TOTAL and _steps(work)[-1] == stopped
+    assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(work / "checkpoints"))
+
+    # 4. The same command again runs to the end.
+    capsys.readouterr()
+    train.train(config, str(work))
+    _assert_resumed_from(capsys.readouterr().out, stopped)
+    _assert_bitwise(_state(config, work, TOTAL), expected_state)
+    assert _rows(work) == expected_rows
+    assert _steps(work) == [TOTAL - 4, TOTAL - 2, TOTAL]  # max_to_keep=3
+
+
+@pytest.mark.slow
+def test_jest_run_killed_twice_resumes_bitwise(jest_config, tmp_path):
+    config = _short(jest_config, 12)
+    expected_state, expected_rows = _straight(config, tmp_path / "straight")
+    rng = np.random.default_rng(7)
+    work = tmp_path / "interrupted"
+    k1, k2 = sorted(int(k) for k in rng.choice(np.arange(2, 9), 2, replace=False))
+    for k in (k1, k2):
+        proc = _child(config, work, tmp_path)
+        out = _interrupt(proc, k, signal.SIGKILL, rng.uniform(0, 0.1))
+        assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    train.train(config, str(work))
+    _assert_bitwise(_state(config, work, 12), expected_state)
+    rows = _rows(work)
+    assert rows == expected_rows and "selection/score_selected" in rows[-1]
+
+
+@pytest.mark.slow
+def test_identical_runs_log_identical_metrics(tiny_config, tmp_path):
+    config = _short(tiny_config, 6)
+    first_state, first = _straight(config, tmp_path / "a")
+    second_state, second = _straight(config, tmp_path / "b")
+    assert len(first) == 6 and first == second
+    _assert_bitwise(first_state, second_state)
+
+
+def _truncate_largest_array_file(step_dir: str) -> None:
+    files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.slow
+def test_corrupted_latest_checkpoint_is_reported_moved_aside_and_skipped(tiny_config, tmp_path,
+                                                                          capsys):
+    config = _short(tiny_config, 8)
+    config.checkpoint.max_to_keep = 2
+    expected_state, _ = _straight(config, tmp_path / "straight")
+    work = str(tmp_path / "run")
+    train.train(config, work, stop_at_step=6)
+    assert _steps(work) == [4, 6]
+    _truncate_largest_array_file(os.path.join(work, "checkpoints", "6"))
+
+    capsys.readouterr()
+    train.train(config, work)
+    out = capsys.readouterr().out
+    assert re.search(r"the checkpoint at step 6 cannot be restored \(.+\); moved it to "
+                     r".*checkpoints/6\.corrupt-[\d-]+ and resumed from step 4", out), out
+    assert "resuming from the checkpoint at step 4" in out
+    names = os.listdir(os.path.join(work, "checkpoints"))
+    assert _steps(work) == [6, 8]  # rewritten 6, and max_to_keep=2
+    assert len([n for n in names if n.startswith("6.corrupt-")]) == 1  # kept, not deleted
+    _assert_bitwise(_state(config, work, 8), expected_state)
+
+    # A config the checkpoints no longer match: every restore fails, so nothing is moved.
+    config.model.embed_dim = 32
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored \(step 8: "):
+        train.train(config, work)
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == sorted(names)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path, where):
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "run" if where == "under_a_file" else tmp_path / "file"
+    with pytest.raises(faults.WorkdirError,
+                       match=re.escape(f"--workdir '{workdir}' is not writable: ")):
+        train.train(tiny_config, str(workdir))
+
+
+def test_unwritable_workdir_from_the_cli_exits_1_with_the_message(tmp_path, data_dir):
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "jest_jax.main", "--config", "configs/smoke.py",
+         "--workdir", str(workdir)], cwd=ROOT, env={**os.environ, "JEST_DATA_DIR": data_dir},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"error: --workdir '{workdir}' is not writable" in result.stderr
+
+
+# --- non-finite values -------------------------------------------------------------------
+
+NAN_CRITERION = """
+import jax.numpy as jnp
+def always_nan(learner, reference):
+    return learner * jnp.nan
+always_nan.needs_reference = False
+"""
+
+
+def _nan_selection(config, tmp_path, monkeypatch, policy: str):
+    (tmp_path / "nan_criteria.py").write_text(NAN_CRITERION)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = _short(config, 4)
+    config.data.train.split = "raw"
+    config.selection.update(method="joint", criterion="nan_criteria:always_nan",
+                            filter_ratio=0.5, num_chunks=4)
+    config.faults.nonfinite = policy
+    return config
+
+
+def test_nan_selection_scores_stop_the_run_naming_them(tiny_config, tmp_path, monkeypatch):
+    config = _nan_selection(tiny_config, tmp_path, monkeypatch, "stop")
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"non-finite selection scores at step 1 \(loss=.*no checkpoint was "
+                             r"written. config.faults.nonfinite='skip'"):
+        train.train(config, str(tmp_path / "run"))
+    assert _steps(tmp_path / "run") == []
+
+
+@pytest.mark.slow
+def test_nan_selection_scores_skipped_leave_the_initial_state(tiny_config, tmp_path, monkeypatch,
+                                                             capsys):
+    config = _nan_selection(tiny_config, tmp_path, monkeypatch, "skip")
+    train.train(config, str(tmp_path / "run"))
+    assert "non-finite selection scores at step 4: update skipped (4 skipped" in \
+        capsys.readouterr().out
+    assert [r["faults/skipped_steps"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
+    final = _state(config, tmp_path / "run", 4)
+    init = jax.tree.map(np.asarray, train.setup(config, str(tmp_path / "x"), selection=False)
+                        .trainer.init_state(config.seed))
+    assert final.pop("step") == 4
+    init.pop("step")
+    _assert_bitwise(final, init)  # not one update got through
+
+
+def _poison_loss_at_record(monkeypatch, record: int) -> None:
+    """The loss of any batch holding `record` is NaN (its gradients stay finite)."""
+    original = Trainer.loss
+
+    def poisoned(self, params, batch):
+        loss = original(self, params, batch)
+        return jnp.where(jnp.any(batch["index"] == record), jnp.nan, loss)
+
+    monkeypatch.setattr(Trainer, "loss", poisoned)
+
+
+def _record_first_seen_at(config, step: int) -> int:
+    """A record of the batch of `step` that no earlier or later step of the run draws."""
+    from jest_jax.data.datasets import open_pool
+    from jest_jax.data.pipeline import Preprocess, train_dataset
+    from jest_jax.data.tokenizer import make_tokenizer
+
+    preprocess = Preprocess(config.data.image_size, make_tokenizer(config.data.tokenizer),
+                            config.data.text_len)
+    source, _ = open_pool(config, "data.train")
+    it = iter(train_dataset(source, preprocess, batch_size=config.batch_size,
+                            seed=config.seed, num_threads=0))
+    batches = [next(it)["index"] for _ in range(config.total_steps)]
+    others = set(np.concatenate(batches[:step - 1] + batches[step:]).tolist())
+    return next(int(i) for i in batches[step - 1] if int(i) not in others)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_loss_at_one_step(tiny_config, tmp_path, monkeypatch, capsys, policy):
+    config = _short(tiny_config, 6)
+    config.checkpoint.every_steps, config.checkpoint.max_to_keep = 1, 10
+    config.faults.nonfinite = policy
+    _poison_loss_at_record(monkeypatch, _record_first_seen_at(config, 3))
+    work = tmp_path / "run"
+    if policy == "stop":
+        with pytest.raises(train.NonFiniteLossError,
+                           match=r"non-finite loss at step 3 \(loss=nan, grad_norm=[\d.e+-]+\); "
+                                 r"stopping: the last good checkpoint \(step 2\) is kept"):
+            train.train(config, str(work))
+        assert _steps(work) == [1, 2]
+        return
+    train.train(config, str(work))
+    assert "non-finite loss at step 3: update skipped (1 skipped" in capsys.readouterr().out
+    rows = _rows(work)
+    assert [r["faults/skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    states = {s: _state(config, work, s) for s in (2, 3, 4)}
+    assert (states[2].pop("step"), states[3].pop("step")) == (2, 3)
+    _assert_bitwise(states[2], states[3])  # step 3 changed nothing
+    assert not np.array_equal(states[4]["params"]["bias"], states[3]["params"]["bias"])
+    assert all(np.isfinite(r["loss"]) for r in rows if r["step"] != 3)
+
+
+def test_nan_gradients_with_finite_loss_are_named(tiny_config, tmp_path, monkeypatch):
+    original = Trainer.loss
+
+    def nan_gradients(self, params, batch):  # d/db sqrt(b - b) is inf, times 0: NaN
+        return original(self, params, batch) + 0.0 * jnp.sqrt(params["bias"] - params["bias"])
+
+    monkeypatch.setattr(Trainer, "loss", nan_gradients)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"non-finite gradients at step 1 \(loss=[\d.]+, grad_norm=nan\)"):
+        train.train(_short(tiny_config, 2), str(tmp_path / "run"))
+
+
+def test_nonfinite_bitmask_names_the_first_cause():
+    assert faults.nonfinite_quantities(0) == []
+    assert faults.nonfinite_quantities(0b0110) == ["loss", "gradients"]
+    assert faults.nonfinite_quantities(0b1001) == ["selection scores", "updated state"]
+
+
+def test_sigterm_handler_is_installed_and_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with faults.Preemption(lambda step: False) as preemption:
+        assert not preemption.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, does not kill
+        assert preemption.reached(2)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_metrics_tolerate_a_half_written_last_line(tmp_path):
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert read_metrics(str(tmp_path)) == rows
