@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -64,6 +65,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
+            self._check_process_count(step)
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         has_counters = os.path.isdir(os.path.join(self.directory, str(step), "counters"))
         if has_counters:  # absent in checkpoints written before counters existed
@@ -85,6 +87,8 @@ class Checkpointer:
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 state, counters = self._restore(abstract_state, data_iterator, step)
+            except CheckpointError:  # intact, but not resumable by this run: never moved
+                raise
             except Exception as e:  # tensorstore/orbax raise many types for bad files
                 failures.append((step, e))
                 continue
@@ -102,6 +106,20 @@ class Checkpointer:
                 "changed since they were written, use a new workdir; if they are damaged, "
                 "move them away to start over")
         return None
+
+    def _check_process_count(self, step: int) -> None:
+        """grain saves one iterator state per process (`process_<i>-of-<n>.json`), so only
+        the same number of processes can resume it; say so instead of grain's own error."""
+        data = os.path.join(self.directory, str(step), "data")
+        written = {int(m.group(1)) for name in (os.listdir(data) if os.path.isdir(data) else ())
+                   if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))}
+        if written and jax.process_count() not in written:
+            n = max(written)
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} was written by {n} "
+                f"process{'es' * (n > 1)} and this run has {jax.process_count()}: each process "
+                f"saved its own input-pipeline position, so resume with {n} "
+                f"process{'es' * (n > 1)} (--num_processes), or use a new workdir")
 
     def _move_aside(self, step: int) -> str:
         target = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -37,7 +37,9 @@ def _args(data_dir: str, reference: str, workdir: str) -> list[str]:
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-def _launch(args: list[str], processes: int, devices: int, extra: list[str]) -> None:
+def _launch(args: list[str], processes: int, devices: int, extra: list[str],
+            returncode: int = 0) -> list[str]:
+    """Run `processes` copies of `args`; each must exit with `returncode`; their outputs."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     flags = []
@@ -49,9 +51,12 @@ def _launch(args: list[str], processes: int, devices: int, extra: list[str]) -> 
          *([f"--process_id={i}"] if processes > 1 else [])],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(processes)]
+    outputs = []
     for i, p in enumerate(procs):
         out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+        assert p.returncode == returncode, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
+        outputs.append(out)
+    return outputs
 
 
 def test_two_processes_stop_resume_and_match_one(data_dir, reference_workdir, tmp_path):
@@ -62,6 +67,13 @@ def test_two_processes_stop_resume_and_match_one(data_dir, reference_workdir, tm
     saved = os.listdir(os.path.join(two, "checkpoints", "3", "data"))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
     _launch(_args(data_dir, reference_workdir, two), 2, 4, [])  # resumes at step 3
+    # One process cannot take over the two processes' input positions: a clear error, and
+    # the checkpoints stay where they are.
+    steps = sorted(os.listdir(os.path.join(two, "checkpoints")))
+    (out,) = _launch(_args(data_dir, reference_workdir, two), 1, 8, [], returncode=1)
+    assert ("error: the checkpoint at step 6 in " in out and "was written by 2 processes and "
+            "this run has 1" in out and "resume with 2 processes (--num_processes)" in out), out
+    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == steps
     _launch(_args(data_dir, reference_workdir, one), 1, 8, [])
 
     rows = {name: [r for r in read_metrics(w) if "loss" in r] for name, w in
