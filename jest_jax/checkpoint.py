@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -9,6 +10,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -33,6 +35,12 @@ class Checkpointer:
         # orbax lists. The run training in `workdir` (`owner`) removes them so they cannot
         # pile up; a reader (eval, a learner loading its reference) must not, as it could
         # be the write in progress of a run still training there.
+        if owner and jax.process_index() == 0 and os.path.isdir(self.directory):
+            partial = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
+            if partial:
+                log(f"warning: removing {len(partial)} half-written checkpoint(s) in "
+                    f"{self.directory} ({', '.join(partial)}): a save was interrupted; "
+                    "resuming from the newest complete one")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                cleanup_tmp_directories=owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -85,26 +93,49 @@ class Checkpointer:
         """
         failures: list[tuple[int, Exception]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            # Each process reads only its own data position (and array shards), so damage
+            # may show on one alone, while all must resume from the same step. The position
+            # is checked by every process and agreed on *before* orbax restores anything:
+            # a process failing inside orbax's restore would leave the others at its barriers.
+            error = self._data_position_error(step) if data_iterator is not None else None
+            if not _on_every_process(error is None):
+                failures.append((step, error or RuntimeError(
+                    "another process's input-pipeline position is missing or unreadable")))
+                continue
             try:
                 state, counters = self._restore(abstract_state, data_iterator, step)
             except CheckpointError:  # intact, but not resumable by this run: never moved
                 raise
             except Exception as e:  # tensorstore/orbax raise many types for bad files
-                failures.append((step, e))
+                error = e
+            if not _on_every_process(error is None):
+                failures.append((step, error or RuntimeError("restored here, but not by "
+                                                             "another process")))
                 continue
             for bad, error in failures:
                 moved = self._move_aside(bad)
                 log(f"warning: the checkpoint at step {bad} cannot be restored "
-                    f"({_brief(error)}); moved it to {moved} and resumed from step {step}")
+                    f"({brief(error)}); moved it to {moved} and resumed from step {step}")
             if failures:
                 self._manager.reload()
             return step, state, counters
         if failures:
-            detail = "; ".join(f"step {s}: {_brief(e)}" for s, e in failures)
+            detail = "; ".join(f"step {s}: {brief(e)}" for s, e in failures)
             raise CheckpointError(
                 f"no checkpoint in {self.directory} can be restored ({detail}). If the config "
                 "changed since they were written, use a new workdir; if they are damaged, "
                 "move them away to start over")
+        return None
+
+    def _data_position_error(self, step: int) -> Exception | None:
+        """Why this process's saved input-pipeline position cannot be read, or None."""
+        self._check_process_count(step)
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        try:
+            with open(os.path.join(self.directory, str(step), "data", name)) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            return e
         return None
 
     def _check_process_count(self, step: int) -> None:
@@ -138,7 +169,13 @@ class Checkpointer:
         self._manager.close()
 
 
-def _brief(error: Exception) -> str:
+def _on_every_process(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def brief(error: Exception) -> str:
     """First line of an error, capped: tensorstore errors run to pages of spec."""
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:200]}"

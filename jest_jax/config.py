@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -52,8 +53,9 @@ def _int(config, field: str, low: int, high: float = float("inf")) -> int:
 
 def _float(config, field: str, ok: Callable[[float], bool], allowed: str) -> float:
     value = get_field(config, field)
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value),
-           field, value, allowed)
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+           and math.isfinite(value), field, value, "must be a finite number")
+    _check(ok(value), field, value, allowed)
     return float(value)
 
 
@@ -131,9 +133,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _int(config, "model.embed_dim", 1)
     _choice(config, "model.dtype", ("float32", "bfloat16"))
     _choice(config, "model.image_pool", ("map", "gap"))
-    _choice(config, "model.remat", (False, True))
+    _bool(config, "model.remat")
     _float(config, "model.temperature_init", lambda v: v > 0, "must be > 0")
-    _float(config, "model.bias_init", lambda v: abs(v) < float("inf"), "must be finite")
+    _float(config, "model.bias_init", lambda v: True, "")
 
     loss = _choice(config, "loss.name", ("sigmoid", "softmax"))
     implementation = _choice(config, "loss.implementation", ("dense", "chunked"))
@@ -152,7 +154,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _int(config, "evals.every_steps", 0)
     _int(config, "evals.batch_size", 1)
     max_examples = get_field(config, "evals.max_examples")
-    _check(isinstance(max_examples, int) and (max_examples == -1 or max_examples > 0),
+    _check(isinstance(max_examples, int) and not isinstance(max_examples, bool)
+           and (max_examples == -1 or max_examples > 0),
            "evals.max_examples", max_examples, "must be -1 (whole split) or a positive integer")
     for name, task in config.evals.items():
         if name in EVAL_OPTIONS:
@@ -174,10 +177,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                    "(empty: the dataset's own)")
 
     axes, shape = get_field(config, "mesh.axes"), get_field(config, "mesh.shape")
-    _check(isinstance(axes, (tuple, list)) and len(axes) > 0 and len(set(axes)) == len(axes),
-           "mesh.axes", axes, "must be a non-empty list of distinct axis names")
+    _check(isinstance(axes, (tuple, list)) and len(axes) > 0 and len(set(axes)) == len(axes)
+           and all(isinstance(a, str) and a for a in axes),
+           "mesh.axes", axes, "must be a non-empty list of distinct axis names (strings)")
     _check(isinstance(shape, (tuple, list)) and len(shape) == len(axes)
-           and all(isinstance(s, int) and (s == -1 or s > 0) for s in shape)
+           and all(isinstance(s, int) and not isinstance(s, bool) and (s == -1 or s > 0)
+                   for s in shape)
            and list(shape).count(-1) <= 1,
            "mesh.shape", shape, f"must give one size per axis of {tuple(axes)} "
            "(positive, or -1 once for 'the rest')")
@@ -230,7 +235,7 @@ def _selection(config, batch: int, image_size: int) -> int:
     if method == "joint":
         _check(batch % chunks == 0, "selection.num_chunks", chunks,
                f"must divide batch_size={batch}")
-    _float(config, "selection.score_gain", lambda v: abs(v) < float("inf"), "must be finite")
+    _float(config, "selection.score_gain", lambda v: True, "")
     _choice(config, "selection.sampling", ("topk", "sample"))
     _choice(config, "selection.implementation", IMPLEMENTATIONS)
     patch = _int(config, "selection.score_patch_size", 0)

@@ -75,51 +75,71 @@ def nonfinite_quantities(code: int) -> list[str]:
 class Preemption:
     """Tells the loop when to checkpoint and exit because the machine is going away.
 
-    One process: SIGTERM (what a TPU VM receives before preemption) sets a flag the
-    loop reads after each step. Several processes: the flags would be raised at
-    different steps on different hosts, so the loop asks orbax instead, whose
-    `reached_preemption` is JAX's preemption sync point: every host agrees on the step
-    (JAX's own notifier catches the signal there, so no Python handler is installed).
-    Use as a context manager; the previous handler is restored on exit.
+    Enter it before anything slow (setup, restore, compilation), so a notice that comes
+    early is not lost: the first step still runs, then the checkpoint is written.
+
+    Plain single process: SIGTERM (what a TPU VM receives before preemption) sets a flag
+    the loop reads after each step. With `jax.distributed` initialised (every multi-host
+    run, and a single TPU VM, where `main` initialises it too), JAX's own notifier owns
+    SIGTERM and hosts would see it at different steps, so the loop asks `sync_point`
+    (orbax's `reached_preemption`, JAX's preemption sync point) where all hosts agree on
+    the step; no Python handler is installed then. The previous handler is restored on exit.
     """
 
-    def __init__(self, reached_sync_point: Callable[[int], bool]):
-        self._sync_point = reached_sync_point
+    def __init__(self) -> None:
+        self.sync_point: Callable[[int], bool] = lambda step: False
         self._signal: int | None = None
         self._previous: Any = None
         self._installed = False
+        self._told = False
 
     def __enter__(self) -> Preemption:
         # Python only delivers signals to the main thread; elsewhere the default stays.
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        if (not distributed_initialized()
+                and threading.current_thread() is threading.main_thread()):
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
+            # None: the previous handler was not installed from Python; the default it is.
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
             self._installed = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only set the flag: printing here could re-enter a print the loop is in.
         del frame
         self._signal = signum
-        log("SIGTERM received: finishing this step, then checkpointing and exiting")
 
     def reached(self, step: int) -> bool:
         """Whether to checkpoint after `step` and stop (call after every step, on all hosts)."""
-        if jax.process_count() > 1:
-            return self._sync_point(step)
+        if not self._installed:
+            return self.sync_point(step)
+        if self._signal is not None and not self._told:
+            self._told = True
+            log("SIGTERM received: checkpointing after this step and exiting")
         return self._signal is not None
+
+
+def distributed_initialized() -> bool:
+    """Whether `jax.distributed.initialize` has run in this process."""
+    from jax._src import distributed  # no public query exists (jax 0.10)
+
+    return distributed.global_state.client is not None
 
 
 def check_writable(workdir: str) -> None:
     """WorkdirError unless `workdir` (and its checkpoints/, if there) can be written.
 
-    Remote paths ("gs://...") are left to orbax, which reports its own errors.
+    URLs ("gs://...") are refused: the workdir is read and written with `os` (metrics,
+    config, the checkpoint bookkeeping), which would silently turn `gs://b/x` into a
+    local directory `gs:/b/x`. Mount the bucket instead (gcsfuse, docs/tpu.md).
     """
     if "://" in workdir:
-        return
+        raise WorkdirError(
+            f"--workdir {workdir!r} is a URL; workdirs must be file system paths. Mount the "
+            "bucket (e.g. gcsfuse, docs/tpu.md) and pass the mounted path")
     for path in (workdir, os.path.join(workdir, "checkpoints")):
         if path != workdir and not os.path.isdir(path):
             continue

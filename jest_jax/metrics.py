@@ -49,8 +49,10 @@ class MetricWriter:
         if not self.active or not os.path.exists(self.path):
             return
         rows = read_metrics(os.path.dirname(self.path))
-        with open(self.path, "w") as f:
+        # Written aside and swapped in: a kill mid-rewrite must not lose the history.
+        with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+        os.replace(self.path + ".tmp", self.path)
 
     def close(self) -> None:
         if self._tb is not None:

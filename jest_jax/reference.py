@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from jest_jax import sharding
-from jest_jax.checkpoint import Checkpointer
+from jest_jax.checkpoint import Checkpointer, CheckpointError, brief
 from jest_jax.config import ConfigError
 from jest_jax.data.datasets import open_pool
 from jest_jax.data.pipeline import Preprocess, eval_batches
@@ -85,9 +85,14 @@ def load(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Referenc
         raise ConfigError(f"config.{_WORKDIR}={workdir!r}: its config.json lacks a field this "
                           f"version needs ({e}); it was written by an older jest_jax, so "
                           "retrain the reference") from None
-    checkpointer = Checkpointer(workdir)
+    checkpointer = Checkpointer(workdir)  # read-only use: nothing there is moved or removed
     try:
         state = checkpointer.restore(trainer.abstract_sharded_state(), step=step)
+    except Exception as e:  # tensorstore/orbax raise many types for damaged files
+        raise CheckpointError(
+            f"config.{_WORKDIR}={workdir!r}: its checkpoint at step {step} cannot be restored "
+            f"({brief(e)}). Training in that workdir again moves a damaged checkpoint aside "
+            "and resumes from the previous one; or point to another reference run") from None
     finally:
         checkpointer.close()
     return Reference(trainer, state["params"], step, os.path.realpath(workdir))

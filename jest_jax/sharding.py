@@ -151,6 +151,10 @@ def _fsdp_spec(shape: tuple[int, ...], axis: str, size: int) -> P:
     return P(*spec)
 
 
+class RuleError(ValueError):
+    """A sharding rule that does not fit an array of the model (found at set-up)."""
+
+
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any]) -> Any:
     """A `NamedSharding` per leaf of `tree` (arrays or ShapeDtypeStructs) from regex rules.
 
@@ -173,13 +177,13 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any]) -> Any:
         if isinstance(spec, tuple) and spec and spec[0] == "fsdp":
             return NamedSharding(mesh, _fsdp_spec(shape, spec[1], mesh.shape[spec[1]]))
         if len(spec) > len(shape):
-            raise ValueError(f"sharding rule {pattern!r}: spec {spec} has more entries than "
+            raise RuleError(f"sharding rule {pattern!r}: spec {spec} has more entries than "
                              f"{name} has dimensions {shape}")
         for dim, entry in zip(shape, spec, strict=False):  # trailing dims: unsplit
             names = entry if isinstance(entry, tuple) else (entry,)
             size = math.prod(mesh.shape[n] for n in names if n is not None)
             if dim % size:
-                raise ValueError(f"sharding rule {pattern!r}: {name} {shape} cannot be split "
+                raise RuleError(f"sharding rule {pattern!r}: {name} {shape} cannot be split "
                                  f"by {spec} ({dim} is not divisible by {size})")
         return NamedSharding(mesh, spec)
 

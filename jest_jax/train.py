@@ -19,7 +19,7 @@ from jest_jax.data.datasets import open_pool
 from jest_jax.data.pipeline import Preprocess, train_dataset
 from jest_jax.data.tokenizer import make_tokenizer
 from jest_jax.evaluate import Evaluator
-from jest_jax.metrics import MetricWriter, Progress, compiled_flops, log
+from jest_jax.metrics import MetricWriter, Progress, compiled_flops, log, read_metrics
 from jest_jax.trainer import Trainer
 
 
@@ -48,7 +48,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, selection: bool = Tru
     tokenizer = make_tokenizer(config.data.tokenizer)
     preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len,
                             config.data.max_caption_bytes)
-    trainer = Trainer(config, mesh, tokenizer.vocab_size)
+    try:
+        trainer = Trainer(config, mesh, tokenizer.vocab_size)
+    except sharding.RuleError as e:  # only the model's shapes show it: not in validate()
+        raise config_lib.ConfigError(f"config.mesh.rules: {e}") from None
     evaluator = Evaluator(config, trainer, preprocess)
     reference, attach = {}, None
     if selection:  # before the checkpointer: a bad reference must not create the workdir
@@ -76,7 +79,22 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     `stop_at_step` checkpoints and returns early at that step (the schedule still
     spans `total_steps`), e.g. for time-sliced jobs; re-running resumes from there.
+    A preemption notice (SIGTERM) checkpoints after the current step and returns.
     """
+    # Listening from the start: a notice during set-up or compilation is not lost.
+    with faults.Preemption() as preemption:
+        return _train(config, workdir, stop_at_step, preemption)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A reader (or a run killed mid-write) sees the old file or the new, never half."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,
+           preemption: faults.Preemption) -> dict[str, float]:
     s = setup(config, workdir)
     trainer, ckpt, mesh = s.trainer, s.checkpointer, s.trainer.mesh
     source, _ = open_pool(config, "data.train")
@@ -94,9 +112,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         raise config_lib.ConfigError(f"config.data.train: {e}{why}") from None
     data_iter = iter(data)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # Run totals that must survive restarts; saved in each checkpoint.
     counters = {"skipped_steps": 0, "bad_records": 0}
@@ -108,6 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     else:
         last_good, state = None, trainer.init_state(config.seed)
     start = int(state["step"])
+    # Only once the checkpoints accepted this config: a config that cannot resume them
+    # must not overwrite the one they were trained with (learners read it as a reference).
+    if jax.process_index() == 0:
+        _write_atomically(os.path.join(workdir, "config.json"),
+                          config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, config.logging.tensorboard)
     writer.truncate_after(start)  # drop rows a crashed run logged after its last checkpoint
 
@@ -153,33 +173,41 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         progress.restart_clock(step)
         return out
 
+    def eval_due(step: int) -> bool:
+        return bool(config.evals.every_steps and step % config.evals.every_steps == 0)
+
+    preemption.sync_point = ckpt.reached_preemption
     try:
-        with faults.Preemption(ckpt.reached_preemption) as preemption:
-            for step in range(start + 1, config.total_steps + 1):
-                state, metrics = step_fn(state, batch, s.reference)
-                if pending is not None:  # fetched a step late: the device is already busy
-                    report(*pending)
-                pending = (step, metrics, bad)
-                final, stopping = step == config.total_steps, step == stop_at_step
-                preempted = preemption.reached(step)
-                if step % config.checkpoint.every_steps == 0 or final or stopping or preempted:
-                    report(*pending)  # never checkpoint a step that was not checked
-                    pending = None
-                    # Saved before the next batch is drawn, so a resume redraws it.
-                    ckpt.save(step, state, data_iter, dict(counters))
-                    last_good = step
-                    progress.restart_clock(step)
-                if preempted and not final:
-                    log(f"preempted: stopped after step {step} and wrote its checkpoint in "
-                        f"{ckpt.directory}; re-run the same command to resume")
-                    break
-                if (config.evals.every_steps and step % config.evals.every_steps == 0) or final:
-                    results = evaluate(step)
-                if stopping and not final:
-                    log(f"stopping at step {step} (stop_at_step); re-run to resume")
-                    break
-                if not final:
-                    batch, bad = next_batch()
+        if 0 < start < config.total_steps and eval_due(start) and not any(
+                r["step"] == start and "loss" not in r for r in read_metrics(workdir)):
+            # A preemption stops before the evaluation of its step, and a kill can land in
+            # one: the step's evaluation is owed, so the log matches an uninterrupted run's.
+            evaluate(start)
+        for step in range(start + 1, config.total_steps + 1):
+            state, metrics = step_fn(state, batch, s.reference)
+            if pending is not None:  # fetched a step late: the device is already busy
+                report(*pending)
+            pending = (step, metrics, bad)
+            final, stopping = step == config.total_steps, step == stop_at_step
+            preempted = preemption.reached(step)
+            if step % config.checkpoint.every_steps == 0 or final or stopping or preempted:
+                report(*pending)  # never checkpoint a step that was not checked
+                pending = None
+                # Saved before the next batch is drawn, so a resume redraws it.
+                ckpt.save(step, state, data_iter, dict(counters))
+                last_good = step
+                progress.restart_clock(step)
+            if preempted and not final:
+                log(f"preempted: stopped after step {step} and wrote its checkpoint in "
+                    f"{ckpt.directory}; re-run the same command to resume")
+                break
+            if eval_due(step) or final:
+                results = evaluate(step)
+            if stopping and not final:
+                log(f"stopping at step {step} (stop_at_step); re-run to resume")
+                break
+            if not final:
+                batch, bad = next_batch()
         if start >= config.total_steps:
             log(f"already trained to step {start}; evaluating the final checkpoint")
             results = s.evaluator.run(state["params"])

@@ -187,3 +187,27 @@ def test_pool_too_small_for_one_super_batch(tiny_config, planted, tmp_path):
                                           r"examples, fewer than one global batch of 96.*"
                                           r"super-batch of N = .* = 96"):
         train.train(config, str(tmp_path / "run"))
+
+
+def test_a_failing_cache_read_is_an_error_not_a_bad_record():
+    """`attach` (the reference-embedding cache) is read outside the skipping: skipping its
+    failures would silently change the batch, and no record is at fault."""
+    clean = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok"}] * POOL
+    victim = _stream_order(0, BATCH)[3]
+
+    def attach(record: int) -> dict:
+        if record == victim:
+            raise OSError(f"cache read of record {record} failed")
+        return {"ref_embedding": np.full(2, record, np.float32)}
+
+    batches = iter(train_dataset(clean, _preprocess(), batch_size=BATCH, seed=0,
+                                 num_threads=0, attach=attach))
+    with pytest.raises(OSError, match=f"cache read of record {victim} failed"):
+        next(batches)
+    # The replacement of a bad record gets the replacement's cache row, not the bad one's.
+    pool = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok" if i != victim else ""}
+            for i in range(POOL)]
+    batch = next(iter(train_dataset(pool, _preprocess(), batch_size=BATCH, seed=0,
+                                    num_threads=0, attach=lambda r: {"ref": np.int32(r)})))
+    np.testing.assert_array_equal(batch["ref"], batch["index"])
+    assert (victim + 1) % POOL in batch["index"].tolist() and victim not in batch["index"]

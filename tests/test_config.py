@@ -152,6 +152,15 @@ MORE_INVALID = [
      "config.selection.reference.workdir='/no/such/run' is invalid: has no checkpoint"),
     ("evals.batch_size", 60, {}, "config.evals.batch_size=60 is invalid: must be divisible by "
                                  "the 8 devices"),
+    ("model.remat", 1, {}, "config.model.remat=1 is invalid: must be True or False"),
+    ("evals.max_examples", True, {}, "config.evals.max_examples=True is invalid: must be -1"),
+    ("mesh.shape", (True,), {}, r"config.mesh.shape=\(True,\) is invalid: must give one size"),
+    ("mesh.axes", ("data", ""), {"mesh__shape": (-1, 1)},
+     r"config.mesh.axes=\('data', ''\) is invalid: .*\(strings\)"),
+    ("optimizer.learning_rate", float("inf"), {},
+     "config.optimizer.learning_rate=inf is invalid: must be a finite number"),
+    ("model.bias_init", float("nan"), {}, "config.model.bias_init=nan is invalid: must be a "
+                                          "finite number"),
 ]
 
 

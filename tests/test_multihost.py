@@ -67,6 +67,13 @@ def test_two_processes_stop_resume_and_match_one(data_dir, reference_workdir, tm
     saved = os.listdir(os.path.join(two, "checkpoints", "3", "data"))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
     _launch(_args(data_dir, reference_workdir, two), 2, 4, [])  # resumes at step 3
+    # Damage only process 1's part of the last checkpoint: process 0 alone could restore it,
+    # but both must resume from the same step, so both fall back to step 3 (and redo 4-6).
+    os.remove(os.path.join(two, "checkpoints", "6", "data", "process_1-of-2.json"))
+    out = _launch(_args(data_dir, reference_workdir, two), 2, 4, [])
+    assert "the checkpoint at step 6 cannot be restored" in out[0], out[0][-3000:]
+    assert "resuming from the checkpoint at step 3 " in out[0] + out[1]
+    assert any(n.startswith("6.corrupt-") for n in os.listdir(os.path.join(two, "checkpoints")))
     # One process cannot take over the two processes' input positions: a clear error, and
     # the checkpoints stay where they are.
     steps = sorted(os.listdir(os.path.join(two, "checkpoints")))

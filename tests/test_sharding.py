@@ -248,3 +248,15 @@ def test_distributed_flags_come_together(monkeypatch):
     assert not sharding.initialize_distributed()  # plain single-process run: nothing to join
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-256")
     assert sharding.on_tpu_vm()
+
+
+def test_a_rule_that_does_not_fit_the_model_is_a_config_error(tiny_config, tmp_path):
+    from jest_jax import train
+
+    tiny_config.mesh.rules = (("mlp_in/kernel", (None, None, "data")),)
+    config_lib.validate(tiny_config)  # the rule itself is well-formed; the model shows it
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"^config.mesh.rules: sharding rule 'mlp_in/kernel': spec .* has "
+                             r"more entries than .*mlp_in/kernel has dimensions"):
+        train.setup(tiny_config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

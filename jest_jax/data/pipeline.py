@@ -94,9 +94,11 @@ def train_dataset(
     ds = (
         grain.MapDataset.range(sys.maxsize)
         .map(_GlobalPosition(order, batch_size, local, process_index))
-        .map(SkipBad(_Load(source, preprocess, attach), len(source), bad_records))
-        .batch(local, drop_remainder=True)
+        .map(SkipBad(_Load(source, preprocess), len(source), bad_records))
     )
+    if attach is not None:  # outside SkipBad: a failing cache read is an error, not bad data
+        ds = ds.map(_Attach(attach))
+    ds = ds.batch(local, drop_remainder=True)
     # Buffer counts elements of the batched dataset: a couple of batches suffices.
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
     return ds.to_iter_dataset(options)
@@ -119,15 +121,21 @@ class _GlobalPosition:
 
 
 class _Load:
-    def __init__(self, source: Any, preprocess: Preprocess,
-                 attach: Callable[[int], dict[str, np.ndarray]] | None):
-        self.source, self.preprocess, self.attach = source, preprocess, attach
+    def __init__(self, source: Any, preprocess: Preprocess):
+        self.source, self.preprocess = source, preprocess
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        example = self.preprocess(self.source[index], index)
-        if self.attach is not None:
-            example.update(self.attach(index))
-        return example
+        return self.preprocess(self.source[index], index)
+
+
+class _Attach:
+    """Adds `attach(record)` for the record actually used (a bad one's replacement)."""
+
+    def __init__(self, attach: Callable[[int], dict[str, np.ndarray]]):
+        self.attach = attach
+
+    def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**example, **self.attach(int(example["index"]))}
 
 
 def eval_batches(
