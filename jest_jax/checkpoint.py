@@ -39,8 +39,7 @@ class Checkpointer:
             partial = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
             if partial:
                 log(f"warning: removing {len(partial)} half-written checkpoint(s) in "
-                    f"{self.directory} ({', '.join(partial)}): a save was interrupted; "
-                    "resuming from the newest complete one")
+                    f"{self.directory} ({', '.join(partial)}): a save was interrupted there")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                cleanup_tmp_directories=owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)

@@ -401,7 +401,7 @@ def test_nonfinite_bitmask_names_the_first_cause():
 
 def test_sigterm_handler_is_installed_and_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with faults.Preemption(lambda step: False) as preemption:
+    with faults.Preemption() as preemption:
         assert not preemption.reached(1)
         os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, does not kill
         assert preemption.reached(2)
