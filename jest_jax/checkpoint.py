@@ -63,16 +63,17 @@ class Checkpointer:
                 step: int | None = None) -> Any:
         """Restore `state` (shaped and sharded like `abstract_state`) and, if given,
         the data iterator in place. Defaults to the latest step."""
-        return self._restore(abstract_state, data_iterator, step)[0]
-
-    def _restore(self, abstract_state: Any, data_iterator: Any | None,
-                 step: int | None) -> tuple[Any, dict[str, int]]:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             self._check_process_count(step)
+        return self._restore(abstract_state, data_iterator, step)[0]
+
+    def _restore(self, abstract_state: Any, data_iterator: Any | None,
+                 step: int) -> tuple[Any, dict[str, int]]:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         has_counters = os.path.isdir(os.path.join(self.directory, str(step), "counters"))
         if has_counters:  # absent in checkpoints written before counters existed

@@ -51,7 +51,9 @@ def _int(config, field: str, low: int, high: float = float("inf")) -> int:
     return value
 
 
-def _float(config, field: str, ok: Callable[[float], bool], allowed: str) -> float:
+def _float(config, field: str, ok: Callable[[float], bool] = lambda v: True,
+           allowed: str = "") -> float:
+    """A finite number (not a bool), and in range by `ok` (`allowed` says which)."""
     value = get_field(config, field)
     _check(isinstance(value, (int, float)) and not isinstance(value, bool)
            and math.isfinite(value), field, value, "must be a finite number")
@@ -135,7 +137,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _choice(config, "model.image_pool", ("map", "gap"))
     _bool(config, "model.remat")
     _float(config, "model.temperature_init", lambda v: v > 0, "must be > 0")
-    _float(config, "model.bias_init", lambda v: True, "")
+    _float(config, "model.bias_init")
 
     loss = _choice(config, "loss.name", ("sigmoid", "softmax"))
     implementation = _choice(config, "loss.implementation", ("dense", "chunked"))
@@ -235,7 +237,7 @@ def _selection(config, batch: int, image_size: int) -> int:
     if method == "joint":
         _check(batch % chunks == 0, "selection.num_chunks", chunks,
                f"must divide batch_size={batch}")
-    _float(config, "selection.score_gain", lambda v: True, "")
+    _float(config, "selection.score_gain")
     _choice(config, "selection.sampling", ("topk", "sample"))
     _choice(config, "selection.implementation", IMPLEMENTATIONS)
     patch = _int(config, "selection.score_patch_size", 0)

@@ -45,7 +45,8 @@ def guard_step(step: Step, policy: str) -> Step:
 
     With policy "skip", a step with any of them keeps the previous params and optimizer
     state (the step counter still advances, so the next step draws the next batch and
-    its own selection key); "stop" leaves the decision to the host (`raise_if_nonfinite`).
+    its own selection key); "stop" leaves the decision to the host (the training loop
+    raises `NonFiniteLossError` when it reads the mask).
     Skipping keeps the old state alive next to the new one: one extra state in memory.
     """
 

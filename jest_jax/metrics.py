@@ -49,10 +49,9 @@ class MetricWriter:
         if not self.active or not os.path.exists(self.path):
             return
         rows = read_metrics(os.path.dirname(self.path))
-        # Written aside and swapped in: a kill mid-rewrite must not lose the history.
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        os.replace(self.path + ".tmp", self.path)
+        # A kill mid-rewrite must not lose the history.
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows
+                                            if r["step"] <= step))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -63,6 +62,13 @@ def _scalar(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     return value
+
+
+def write_atomically(path: str, text: str) -> None:
+    """A reader (or a run killed mid-write) sees the old file or the new, never half."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -19,7 +19,14 @@ from jest_jax.data.datasets import open_pool
 from jest_jax.data.pipeline import Preprocess, train_dataset
 from jest_jax.data.tokenizer import make_tokenizer
 from jest_jax.evaluate import Evaluator
-from jest_jax.metrics import MetricWriter, Progress, compiled_flops, log, read_metrics
+from jest_jax.metrics import (
+    MetricWriter,
+    Progress,
+    compiled_flops,
+    log,
+    read_metrics,
+    write_atomically,
+)
 from jest_jax.trainer import Trainer
 
 
@@ -86,13 +93,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         return _train(config, workdir, stop_at_step, preemption)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """A reader (or a run killed mid-write) sees the old file or the new, never half."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,
            preemption: faults.Preemption) -> dict[str, float]:
     s = setup(config, workdir)
@@ -126,7 +126,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
     # Only once the checkpoints accepted this config: a config that cannot resume them
     # must not overwrite the one they were trained with (learners read it as a reference).
     if jax.process_index() == 0:
-        _write_atomically(os.path.join(workdir, "config.json"),
+        write_atomically(os.path.join(workdir, "config.json"),
                           config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, config.logging.tensorboard)
     writer.truncate_after(start)  # drop rows a crashed run logged after its last checkpoint

@@ -127,16 +127,15 @@ def _assert_bitwise(a: dict, b: dict) -> None:
         assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
 
 
-def _rows(workdir) -> list[dict]:
-    """Training rows without the wall-clock field, which alone may differ between runs."""
-    return [{k: v for k, v in r.items() if k != "steps_per_sec"}
-            for r in read_metrics(str(workdir)) if "loss" in r]
-
-
 def _all_rows(workdir) -> list[dict]:
     """Training and evaluation rows, without the wall-clock field."""
     return [{k: v for k, v in r.items() if k != "steps_per_sec"}
             for r in read_metrics(str(workdir))]
+
+
+def _rows(workdir) -> list[dict]:
+    """Training rows without the wall-clock field, which alone may differ between runs."""
+    return [r for r in _all_rows(workdir) if "loss" in r]
 
 
 def _straight(config, workdir) -> tuple[dict, list[dict]]:

@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from jest_jax.data.records import BadRecordError, SkipBad, problem
+from jest_jax.data.records import BadRecordError, SkipBad, problem, reason
 from jest_jax.data.tokenizer import Tokenizer
 
 _SKIP = ("image", "caption")
@@ -170,6 +170,6 @@ def _eval_example(source: Any, preprocess: Preprocess, index: int) -> dict[str, 
     try:
         return preprocess(source[index], index)
     except Exception as e:  # the data source's decoder may raise anything
-        why = str(e) if isinstance(e, BadRecordError) else f"{type(e).__name__}: {e}"
-        raise BadRecordError(f"record {index} is bad: {why} (evaluation splits, and data.train "
-                             "under --mode cache, are read whole, without skipping)") from e
+        raise BadRecordError(f"record {index} is bad: {reason(e)} (evaluation splits, and "
+                             "data.train under --mode cache, are read whole, without "
+                             "skipping)") from e

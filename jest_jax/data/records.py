@@ -23,6 +23,11 @@ class BadRecordError(ValueError):
     """A training record that cannot be used; the message names its index and why."""
 
 
+def reason(error: Exception) -> str:
+    """Why a record failed: our own check's words, or the reader's exception named."""
+    return str(error) if isinstance(error, BadRecordError) else f"{type(error).__name__}: {error}"
+
+
 def problem(record: Mapping[str, Any], max_caption_bytes: int | None) -> str | None:
     """Why `record` cannot be trained on, or None if it can."""
     image = np.asarray(record["image"])
@@ -56,18 +61,18 @@ class SkipBad:
         self.load, self.size, self.policy, self.pool = load, size, policy, pool
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        reason, tries = "", min(MAX_CONSECUTIVE_BAD, self.size)
+        why, tries = "", min(MAX_CONSECUTIVE_BAD, self.size)
         for skipped in range(tries):
             record = (index + skipped) % self.size
             try:
                 example = self.load(record)
             except Exception as e:  # a data source or decoder may raise anything
-                reason = str(e) if isinstance(e, BadRecordError) else f"{type(e).__name__}: {e}"
+                why = reason(e)
                 if self.policy == "error":
                     raise BadRecordError(
-                        f"record {record} of {self.pool} is bad: {reason} (set "
+                        f"record {record} of {self.pool} is bad: {why} (set "
                         "config.faults.bad_records='skip' to skip bad records)") from e
-                print(f"warning: skipping record {record} of {self.pool}: {reason}",
+                print(f"warning: skipping record {record} of {self.pool}: {why}",
                       file=sys.stderr, flush=True)
                 continue
             # 1 per bad record met at this stream position: a run of bad records in a row
@@ -76,4 +81,4 @@ class SkipBad:
             return example
         raise BadRecordError(
             f"records {index} to {index + tries - 1} (mod {self.size}) of "
-            f"{self.pool} are all bad (last: {reason}); the dataset looks broken")
+            f"{self.pool} are all bad (last: {why}); the dataset looks broken")
