@@ -9,8 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # `configs` ships as a package so `from configs import common` works from any cwd.
-    packages=find_packages(include=["jest_jax", "jest_jax.*", "configs", "configs.*"]),
+    # Only the library: configs/ holds experiment files, loaded by path (`--config FILE`).
+    packages=find_packages(include=["jest_jax", "jest_jax.*"]),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -29,7 +29,8 @@ setup(
         "matplotlib>=3.8",  # learning-curve plots of the experiments
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11"],
+        # wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation).
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "wheel>=0.40"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -19,22 +19,22 @@
 
 import ml_collections
 
-from configs import common
+from jest_jax import config as jj
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args: stage=reference|learner, method, criterion, filter, reference, cache, steps,
     runlocal."""
-    arg = common.parse_arg(arg, stage="reference", method="uniform", criterion="learnability",
-                           filter=0.8, reference="", cache="", steps=1000, runlocal=False)
+    arg = jj.parse_arg(arg, stage="reference", method="uniform", criterion="learnability",
+                       filter=0.8, reference="", cache="", steps=1000, runlocal=False)
     if arg.stage not in ("reference", "learner"):
         raise ValueError(f"configs/shapes.py: stage={arg.stage!r}; use reference or learner")
-    c = common.get_base_config()
+    c = jj.defaults()
     dataset = "jest_shapes/tiny" if arg.runlocal else "jest_shapes"
     # On this data small batches and more steps beat large batches at equal compute.
     c.batch_size = 64
     c.total_steps = 30 if arg.runlocal else arg.steps
-    c.data.train = common.pool(dataset, "curated" if arg.stage == "reference" else "raw")
+    c.data.train = jj.pool(dataset, "curated" if arg.stage == "reference" else "raw")
     c.data.image_size = 32
     c.data.text_len = 32
     c.model.patch_size = 4
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.selection.reference.workdir = arg.reference
     c.selection.reference.cache_dir = arg.cache
     c.evals.every_steps = 10 if arg.runlocal else 200
-    c.evals.zero_shot.data = common.pool(dataset, "eval")
-    c.evals.retrieval.data = common.pool(dataset, "eval")
+    c.evals.zero_shot.data = jj.pool(dataset, "eval")
+    c.evals.retrieval.data = jj.pool(dataset, "eval")
     c.checkpoint.every_steps = 200
     return c

@@ -5,24 +5,24 @@
 
 import ml_collections
 
-from configs import common
+from jest_jax import config as jj
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The smoke config; `steps=N` sets its length."""
-    arg = common.parse_arg(arg, steps=60)
-    c = common.get_base_config()
+    arg = jj.parse_arg(arg, steps=60)
+    c = jj.defaults()
     c.batch_size = 64
     c.total_steps = arg.steps
-    c.data.train = common.pool("jest_shapes/tiny", "curated")
+    c.data.train = jj.pool("jest_shapes/tiny", "curated")
     c.data.image_size = 16
     c.data.text_len = 24
     c.model.patch_size = 4
     c.model.embed_dim = 64
     c.evals.every_steps = 0
     c.evals.batch_size = 64
-    c.evals.zero_shot.data = common.pool("jest_shapes/tiny", "eval")
-    c.evals.retrieval.data = common.pool("jest_shapes/tiny", "eval")
+    c.evals.zero_shot.data = jj.pool("jest_shapes/tiny", "eval")
+    c.evals.retrieval.data = jj.pool("jest_shapes/tiny", "eval")
     c.checkpoint.every_steps = 20
     c.logging.every_steps = 10
     return c

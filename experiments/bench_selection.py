@@ -16,6 +16,7 @@ device named.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -23,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import shapes
-from jest_jax import sharding
+from jest_jax import build, sharding
+from jest_jax import config as config_lib
 from jest_jax.metrics import compiled_flops
-from jest_jax.reference import cached_embeddings
-from jest_jax.scoring import Scorer, SelectionSpec
+from jest_jax.reference import CachedReference, NoReference
 from jest_jax.selection import Embeddings, joint_select, joint_select_from_embeddings, score_matrix
-from jest_jax.trainer import Trainer
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 GIB = 2.0**30
 
@@ -89,43 +90,44 @@ def bench_joint(sizes: list[int], dim: int, max_dense_gib: float, repeats: int) 
 
 
 def bench_scoring(repeats: int) -> None:
-    config = shapes.get_config("stage=learner,method=joint")
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-    trainer = Trainer(config, mesh, vocab_size=258)
-    spec = SelectionSpec.from_config(config)
-    n, b, size, length = (spec.num_candidates, spec.num_select, config.data.image_size,
-                          config.data.text_len)
+    config = config_lib.load(f"{CONFIGS}/shapes.py:stage=learner,method=joint")
+    # Shapes only need no reference run: the cache is synthetic.
+    spec = config_lib.validate(config, num_devices=jax.device_count(), check_files=False)
+    mesh = spec.mesh.build()
+    scalars = {"log_temperature": jnp.log(10.0), "bias": jnp.asarray(-10.0)}
+    plain = build.wire(spec, mesh, 258, NoReference(), selection=False)
+    jest = build.wire(spec, mesh, 258, CachedReference(scalars))
+    n, b = jest.scorer.spec.num_candidates, spec.batch_size
+    size, length = spec.data.image_size, spec.data.text_len
     rng = np.random.default_rng(0)
-    ref = embeddings(jax.random.key(3), n, config.model.embed_dim)
+    ref = embeddings(jax.random.key(3), n, spec.model.embed_dim)
     super_batch = sharding.to_global({
         "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
         "tokens": rng.integers(1, 258, (n, length), dtype=np.int32),
         "ref_image": np.asarray(ref.image), "ref_text": np.asarray(ref.text)}, mesh)
     batch = {k: v[:b] for k, v in super_batch.items() if k in ("image", "tokens")}
-    scalars = {"log_temperature": jnp.log(10.0), "bias": jnp.asarray(-10.0)}
-    state = trainer.init_state(0)  # for lowering only
+    state = plain.state.init(0)  # for lowering only
 
-    plain = trainer.jit_train_step().lower(state, batch, {}).compile()
-    scorer = Scorer(spec, trainer.embeddings, cached_embeddings)
-    score = jax.jit(scorer).lower(jax.random.key(0), state["params"], scalars,
-                                  super_batch).compile()
-    trainer.scorer = scorer
-    jest = trainer.jit_train_step().lower(state, super_batch, scalars).compile()
+    plain_step = plain.step.lower(state, batch, {}).compile()
+    score = jax.jit(jest.scorer).lower(jax.random.key(0), state["params"], scalars,
+                                       super_batch).compile()
+    jest_step = jest.step.lower(state, super_batch, scalars).compile()
+    fresh = lambda: plain.state.init(0)  # noqa: E731  the train steps donate their input state
     rows = []
     for name, compiled, args in (
-            (f"plain train step (b={b})", plain, lambda: (trainer.init_state(0), batch, {})),
+            (f"plain train step (b={b})", plain_step, lambda: (fresh(), batch, {})),
             (f"scoring kernel (N={n} → b={b})", score, lambda: (
-                jax.random.key(0), trainer.init_state(0)["params"], scalars, super_batch)),
-            ("JEST train step (scoring + update)", jest,
-             lambda: (trainer.init_state(0), super_batch, scalars))):
-        args = args()  # fresh: the train steps donate (and so delete) their input state
+                jax.random.key(0), fresh()["params"], scalars, super_batch)),
+            ("JEST train step (scoring + update)", jest_step,
+             lambda: (fresh(), super_batch, scalars))):
+        args = args()
         if compiled is score:
             seconds = timed(compiled, args, repeats)
         else:  # feed each call the state the last one returned
             s, times = args[0], []
             for _ in range(repeats + 1):
                 start = time.perf_counter()
-                s, metrics = compiled(s, *args[1:])
+                s, metrics, _ = compiled(s, *args[1:])
                 jax.block_until_ready(metrics)
                 times.append(time.perf_counter() - start)
             seconds = float(np.median(times[1:]))

@@ -23,9 +23,13 @@ import time
 import jax
 import numpy as np
 
-from configs import shapes
+from jest_jax import config as config_lib
 from jest_jax import train
 from jest_jax.metrics import read_metrics
+from jest_jax.reference import ReferenceCache
+
+SHAPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "shapes.py")
 
 # name -> (method, criterion); all learners use filter ratio 0.8 except uniform.
 LEARNERS = {
@@ -147,15 +151,16 @@ def main() -> None:
     ref_dir = os.path.join(args.workdir, "reference")
     cache_dir = os.path.join(ref_dir, "cache_raw")
 
-    config = shapes.get_config(f"stage=reference,steps={args.ref_steps},runlocal={args.runlocal}")
+    config = config_lib.load(f"{SHAPES}:stage=reference,steps={args.ref_steps},"
+                             f"runlocal={args.runlocal}")
     config.evals.every_steps = 0
     print(f"=== reference: SigLIP on the curated pool, {config.total_steps} steps "
           f"({jax.device_count()} {jax.devices()[0].platform} device(s)) -> {ref_dir}")
     train.train(config, ref_dir)
 
     def learner_config(method: str, criterion: str, seed: int):
-        c = shapes.get_config(f"stage=learner,method={method},criterion={criterion},"
-                              f"filter={args.filter},reference={ref_dir},cache={cache_dir},{base}")
+        c = config_lib.load(f"{SHAPES}:stage=learner,method={method},criterion={criterion},"
+                            f"filter={args.filter},reference={ref_dir},cache={cache_dir},{base}")
         c.seed = seed
         c.evals.every_steps = min(args.eval_every, c.total_steps)
         c.checkpoint.every_steps = c.total_steps
@@ -164,9 +169,8 @@ def main() -> None:
 
     print(f"\n=== caching the reference's embeddings of the raw pool -> {cache_dir}")
     try:  # reuse a cache that matches the reference's latest checkpoint
-        from jest_jax.reference import ReferenceCache
-
-        ReferenceCache(learner_config("joint", "learnability", 0))
+        spec = config_lib.validate(learner_config("joint", "learnability", 0))
+        ReferenceCache(spec.reference, spec.data)
         print("up to date; reused")
     except ValueError:
         train.cache_reference(learner_config("joint", "learnability", 0))

@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import time
 
 import jax
 import jax.numpy as jnp
 
-from jest_jax import reference as reference_lib
-from jest_jax import sharding
-from jest_jax.config import get_field
+from jest_jax import build, sharding
+from jest_jax import config as config_lib
 from jest_jax.metrics import compiled_flops
-from jest_jax.scoring import SelectionSpec
-from jest_jax.trainer import Trainer
+from jest_jax.models import Model
+from jest_jax.reference import CachedReference, NoReference, OnlineReference, placed_params
 
 GiB = 2**30
-
-
-def load_config(spec: str):
-    """`configs/paper/jest.py:model=L` → its ConfigDict."""
-    path, _, arg = spec.partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    return module.get_config(arg or None)
 
 
 def memory(compiled) -> dict[str, float]:
@@ -50,54 +41,55 @@ def memory(compiled) -> dict[str, float]:
     return {f"{k}_gib": round(v / GiB, 3) for k, v in {**parts, "total": total}.items()}
 
 
-def abstract_batch(config, trainer: Trainer, rows: int, cached: bool) -> dict:
-    """ShapeDtypeStructs of a (super-)batch of `rows` examples, sharded like real ones."""
-    s = sharding.batch_sharding(trainer.mesh)
-    size, length = config.data.image_size, config.data.text_len
+def abstract_batch(spec: config_lib.Spec, mesh, rows: int, fields: tuple[str, ...]) -> dict:
+    """ShapeDtypeStructs of a (super-)batch of `rows` examples, sharded like real ones,
+    with the per-example `fields` a reference cache attaches."""
+    s = sharding.batch_sharding(mesh)
+    size, length = spec.data.image_size, spec.data.text_len
     batch = {"image": jax.ShapeDtypeStruct((rows, size, size, 3), jnp.uint8, sharding=s),
              "tokens": jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=s)}
-    if cached:  # the reference cache rides along with each candidate
-        for name in ("ref_image", "ref_text"):
-            batch[name] = jax.ShapeDtypeStruct((rows, config.model.embed_dim), jnp.float32,
-                                               sharding=s)
+    for name in fields:  # the reference cache rides along with each candidate
+        batch[name] = jax.ShapeDtypeStruct((rows, spec.model.embed_dim), jnp.float32,
+                                           sharding=s)
     return batch
+
+
+def abstract_reference(spec: config_lib.Spec, mesh, vocab_size: int, cached: bool):
+    """The reference the step reads, as shapes only: the cache's t' and β, or a frozen
+    model of the learner's architecture."""
+    if not spec.selection.needs_reference:
+        return NoReference()
+    if cached:
+        return CachedReference.abstract(mesh)
+    model = Model(spec.model, vocab_size)
+    return OnlineReference(model, placed_params(model, mesh, spec.mesh))
 
 
 def compile_config(config, vocab_size: int, cached: bool = True) -> dict:
     """Lower and compile the train step (and scoring kernel, with selection); report."""
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-    trainer = Trainer(config, mesh, vocab_size)
-    spec = SelectionSpec.from_config(config)
-    replicated = sharding.replicated(mesh)
-    reference, rows = {}, config.batch_size
-    if spec.active:
-        rows = spec.num_candidates
-        embed_reference = None
-        if spec.needs_reference and cached:
-            reference = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-                         for k in ("log_temperature", "bias")}
-            embed_reference = reference_lib.cached_embeddings
-        elif spec.needs_reference:  # a frozen reference of the learner's architecture
-            reference = trainer.abstract_sharded_state()["params"]
-            embed_reference = trainer.embeddings
-        trainer.scorer = reference_lib.build_scorer(spec, trainer, embed_reference)
-    state = trainer.abstract_sharded_state()
-    batch = abstract_batch(config, trainer, rows, cached and spec.needs_reference)
-    ref_sharding = sharding.placed(reference, mesh)
-    report = {"devices": mesh.size, "mesh": dict(mesh.shape), "batch": config.batch_size,
+    spec = config_lib.validate(config, num_devices=jax.device_count(), check_files=False)
+    mesh = spec.mesh.build()
+    reference = abstract_reference(spec, mesh, vocab_size, cached)
+    wired = build.wire(spec, mesh, vocab_size, reference)
+    rows = wired.scorer.spec.num_candidates if wired.scorer else spec.batch_size
+    state = wired.state.abstract_sharded()
+    batch = abstract_batch(spec, mesh, rows, reference.batch_fields)
+    ref_input = reference.step_input
+    report = {"devices": mesh.size, "mesh": dict(mesh.shape), "batch": spec.batch_size,
               "candidates": rows,
               "params_m": round(sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6, 1)}
     start = time.perf_counter()
-    step = trainer.jit_train_step(ref_sharding).lower(state, batch, reference).compile()
+    step = wired.step.lower(state, batch, ref_input).compile()
     report["train_step"] = {**memory(step), "compile_s": round(time.perf_counter() - start, 1),
                             "tflop_per_device": round(compiled_flops(step) / 1e12, 2)}
-    if trainer.scorer is not None:
+    if wired.scorer is not None:
+        replicated = sharding.replicated(mesh)
         start = time.perf_counter()
-        score = jax.jit(trainer.scorer, in_shardings=(
-            replicated, trainer.state_sharding["params"], ref_sharding,
+        score = jax.jit(wired.scorer, in_shardings=(
+            replicated, wired.state.sharding["params"], sharding.placed(ref_input, mesh),
             sharding.batch_sharding(mesh))).lower(
                 jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
-                state["params"], reference, batch).compile()
+                state["params"], ref_input, batch).compile()
         report["scoring"] = {**memory(score), "compile_s": round(time.perf_counter() - start, 1),
                              "tflop_per_device": round(compiled_flops(score) / 1e12, 2)}
     return report
@@ -114,11 +106,11 @@ def main() -> None:
                         help="override a config field, e.g. --set model.remat=False "
                              "(VALUE is a Python literal)")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = config_lib.load(args.config)
     for item in args.set:
         field, _, value = item.partition("=")
         parent, _, last = field.rpartition(".")
-        node = get_field(config, parent) if parent else config
+        node = config_lib.get_field(config, parent) if parent else config
         node[last] = ast.literal_eval(value)
     report = compile_config(config, args.vocab, not args.online_reference)
     print(json.dumps({"config": args.config, "set": args.set, **report}))

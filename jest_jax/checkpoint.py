@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -10,16 +11,47 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jest_jax import faults
-from jest_jax.metrics import log
+from jest_jax import log
+from jest_jax.fields import Section
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a workdir that has some can be restored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """`config.checkpoint`: how often the run is saved, and how many saves are kept."""
+
+    every_steps: int = 100
+    max_to_keep: int = 3
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.every_steps = 100          # also at the last step; a re-run resumes from the latest
+        c.max_to_keep = 3            # older checkpoints are deleted
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section) -> CheckpointSpec:
+        return cls(section.integer("every_steps", 1), section.integer("max_to_keep", 1))
+
+    def due(self, step: int) -> bool:
+        return step % self.every_steps == 0
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest committed checkpoint step in `workdir` (a cheap directory scan), or None."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] \
+        if os.path.isdir(ckpt_dir) else []
+    return max(steps) if steps else None
 
 
 class Checkpointer:
@@ -38,8 +70,9 @@ class Checkpointer:
         if owner and jax.process_index() == 0 and os.path.isdir(self.directory):
             partial = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
             if partial:
-                log(f"warning: removing {len(partial)} half-written checkpoint(s) in "
-                    f"{self.directory} ({', '.join(partial)}): a save was interrupted there")
+                log.warning(f"removing {len(partial)} half-written checkpoint(s) in "
+                            f"{self.directory} ({', '.join(partial)}): a save was interrupted "
+                            "there")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                cleanup_tmp_directories=owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -57,7 +90,6 @@ class Checkpointer:
         if counters is not None:
             items["counters"] = ocp.args.JsonSave(counters)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        faults.maybe_kill_in_save(step, self.directory)
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None,
                 step: int | None = None) -> Any:
@@ -69,6 +101,21 @@ class Checkpointer:
         if data_iterator is not None:
             self._check_process_count(step)
         return self._restore(abstract_state, data_iterator, step)[0]
+
+    def restore_params(self, abstract_params: Any, step: int) -> Any:
+        """Only the params of the state saved at `step`, shaped and placed like
+        `abstract_params`: no optimizer state is built or read (a frozen reference, an
+        evaluation)."""
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+        reader = ocp.PyTreeCheckpointer()
+        try:
+            restored = reader.restore(os.path.join(self.directory, str(step), "state"), args=args)
+        finally:
+            reader.close()
+        return restored["params"]
 
     def _restore(self, abstract_state: Any, data_iterator: Any | None,
                  step: int) -> tuple[Any, dict[str, int]]:
@@ -114,8 +161,8 @@ class Checkpointer:
                 continue
             for bad, error in failures:
                 moved = self._move_aside(bad)
-                log(f"warning: the checkpoint at step {bad} cannot be restored "
-                    f"({brief(error)}); moved it to {moved} and resumed from step {step}")
+                log.warning(f"the checkpoint at step {bad} cannot be restored "
+                            f"({brief(error)}); moved it to {moved} and resumed from step {step}")
             if failures:
                 self._manager.reload()
             return step, state, counters

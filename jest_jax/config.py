@@ -1,263 +1,207 @@
-"""Start-up validation of experiment configs: one clear message naming the field.
+"""The config contract: the documented defaults, experiment files, and start-up validation.
 
-Runs before any data is read or anything is compiled.
+Each component owns its section (docs/design.md, "Config"): its `defaults()` documents
+the fields and its `from_config` validates them, stating each allowed value once, next
+to the code that uses it. This module assembles the defaults, loads experiment files by
+path (`configs/*.py` are experiment files, not a package), and validates a whole config:
+unknown keys at any depth (with a did-you-mean hint), every section, and the checks that
+span sections. Nothing is read, built or compiled before a config has passed.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
-import math
+import dataclasses
+import importlib.util
 import os
-from collections.abc import Callable
+import sys
 from typing import Any
 
 import ml_collections
 
-from configs import common
-from jest_jax import criteria
-from jest_jax.models import VARIANTS
-from jest_jax.scoring import IMPLEMENTATIONS, METHODS, super_batch_size
+from jest_jax.checkpoint import CheckpointSpec
+from jest_jax.data import sources
+from jest_jax.data.pipeline import DataSpec
+from jest_jax.evaluate import OPTIONS as EVAL_OPTIONS
+from jest_jax.evaluate import REGISTRY as EVALUATORS
+from jest_jax.evaluate import EvalSpec
+from jest_jax.faults import FaultPolicy
+from jest_jax.fields import ConfigError, Section, did_you_mean, get_field
+from jest_jax.losses import Loss
+from jest_jax.metrics import LoggingSpec
+from jest_jax.models import ModelSpec
+from jest_jax.optimizer import Optimizer
+from jest_jax.reference import ReferenceSpec
+from jest_jax.scoring import SelectionSpec
+from jest_jax.sharding import MeshSpec
 
-EVAL_KINDS = ("zero_shot", "retrieval")
-EVAL_OPTIONS = ("every_steps", "batch_size", "max_examples")
-NONFINITE_POLICIES = ("stop", "skip")
-BAD_RECORD_POLICIES = ("skip", "error")
+__all__ = ["ConfigError", "DATA_DIR", "Spec", "defaults", "get_field", "load", "parse_arg",
+           "pool", "validate"]
 
-
-class ConfigError(ValueError):
-    """An invalid config field; the message names the field, its value and what is allowed."""
-
-
-def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
-
-
-def get_field(config: ml_collections.ConfigDict, field: str) -> Any:
-    """`config` value at dotted `field` ("data.train.split"); ConfigError if missing."""
-    node: Any = config
-    for part in field.split("."):
-        if part not in node:
-            raise ConfigError(f"config.{field} is missing")
-        node = node[part]
-    return node
+DATA_DIR = sources.DATA_DIR
+pool = sources.pool
 
 
-def _int(config, field: str, low: int, high: float = float("inf")) -> int:
-    value = get_field(config, field)
-    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-           field, value, f"must be an integer in [{low}, {high}]")
-    return value
+def defaults() -> ml_collections.ConfigDict:
+    """Every field with its default; experiment configs override what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0                       # params, data order and selection all derive from it
+    c.batch_size = 128               # global batch the learner trains on per step
+    c.total_steps = 300              # learner steps; the LR schedule spans all of them
+    c.data = DataSpec.defaults()
+    c.model = ModelSpec.defaults()
+    c.loss = Loss.defaults()
+    c.optimizer = Optimizer.defaults()
+    c.selection = SelectionSpec.defaults()
+    c.selection.reference = ReferenceSpec.defaults()
+    c.evals = EvalSpec.defaults()
+    c.mesh = MeshSpec.defaults()
+    c.checkpoint = CheckpointSpec.defaults()
+    c.faults = FaultPolicy.defaults()
+    c.logging = LoggingSpec.defaults()
+    return c
 
 
-def _float(config, field: str, ok: Callable[[float], bool] = lambda v: True,
-           allowed: str = "") -> float:
-    """A finite number (not a bool), and in range by `ok` (`allowed` says which)."""
-    value = get_field(config, field)
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool)
-           and math.isfinite(value), field, value, "must be a finite number")
-    _check(ok(value), field, value, allowed)
-    return float(value)
+def parse_arg(arg: str | None, **fields: Any) -> ml_collections.ConfigDict:
+    """Parse `"a=1,b=foo"` into a ConfigDict, typed like `fields` (which also set unset keys).
+
+    Example: `parse_arg("stage=learner,runlocal=True", stage="reference", runlocal=False)`.
+    """
+    out = ml_collections.ConfigDict(fields)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not of the form key=value")
+        if key not in fields:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(fields)}")
+        kind = type(fields[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} is not a boolean")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = kind(value)
+    return out
 
 
-def _choice(config, field: str, choices: tuple) -> Any:
-    value = get_field(config, field)
-    _check(value in choices, field, value, f"must be one of {list(choices)}")
-    return value
+def load(spec: str) -> ml_collections.ConfigDict:
+    """The config of an experiment file, `"path/to/file.py[:arg]"`: its `get_config(arg)`.
+
+    Files are loaded by path, as `--config` does, so they work from any directory and
+    need not be importable.
+    """
+    path, _, arg = spec.partition(".py:")
+    path = path if path.endswith(".py") else f"{path}.py"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path!r}")
+    name = f"_jest_jax_config_{abs(hash(os.path.abspath(path)))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
-def _pool(config, field: str) -> None:
-    for key in ("name", "split", "data_dir"):
-        value = get_field(config, f"{field}.{key}")
-        _check(isinstance(value, str) and value != "", f"{field}.{key}", value,
-               "must be a non-empty string")
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A validated config: each section as its component's `from_config` built it."""
+
+    config: ml_collections.ConfigDict
+    seed: int
+    batch_size: int
+    total_steps: int
+    data: DataSpec
+    model: ModelSpec
+    loss: Loss
+    optimizer: Optimizer
+    selection: SelectionSpec
+    reference: ReferenceSpec
+    evals: EvalSpec
+    mesh: MeshSpec
+    checkpoint: CheckpointSpec
+    faults: FaultPolicy
+    logging: LoggingSpec
 
 
-@functools.cache
-def _schema() -> ml_collections.ConfigDict:
-    """Every known field: the shared defaults of `configs/common.py`, which document them."""
-    return common.get_base_config()
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             check_files: bool = True) -> Spec:
+    """Raise ConfigError for the first invalid field, else the validated `Spec`.
+
+    `num_devices` adds the checks against the devices; `check_files=False` skips those
+    that need the run's input files (tokenizer model, reference run), for compiling from
+    abstract arrays.
+    """
+    _known_fields(config, defaults())
+    top = Section(config)
+    seed = top.integer("seed", 0, 2**32 - 1)
+    batch = top.integer("batch_size", 1)
+    total = top.integer("total_steps", 1)
+    data = DataSpec.from_config(top.section("data"), check_files)
+    model = ModelSpec.from_config(top.section("model"), data.image_size, data.text_len)
+    loss = Loss.from_config(top.section("loss"))
+    optimizer = Optimizer.from_config(top.section("optimizer"), total)
+    selection = SelectionSpec.from_config(top.section("selection"), batch, data.image_size)
+    reference = ReferenceSpec.from_config(
+        top.section("selection").section("reference"), selection.needs_reference,
+        config.selection.criterion, check_files)
+    evals = EvalSpec.from_config(top.section("evals"))
+    mesh = MeshSpec.from_config(top.section("mesh"))
+    if num_devices is not None:
+        _fit_devices(top, mesh, num_devices, selection, evals)
+    return Spec(config, seed, batch, total, data, model, loss, optimizer, selection, reference,
+                evals, mesh, CheckpointSpec.from_config(top.section("checkpoint")),
+                FaultPolicy.from_config(top.section("faults")),
+                LoggingSpec.from_config(top.section("logging")))
+
+
+def _fit_devices(top: Section, mesh: MeshSpec, num_devices: int, selection: SelectionSpec,
+                 evals: EvalSpec) -> None:
+    """The cross-section checks: the mesh, and every batch split over the devices."""
+    mesh.check(num_devices)
+    top.check(selection.num_select % num_devices == 0, "batch_size", selection.num_select,
+              f"must be divisible by the {num_devices} devices of the mesh")
+    top.check(selection.num_candidates % num_devices == 0, "selection.filter_ratio",
+              top.node.selection.filter_ratio, f"gives a super-batch of "
+              f"{selection.num_candidates}, which must be divisible by the {num_devices} "
+              "devices of the mesh")
+    top.check(evals.batch_size % num_devices == 0, "evals.batch_size", evals.batch_size,
+              f"must be divisible by the {num_devices} devices of the mesh")
+
+
+def _schema(path: str, key: str, value: Any, schema: ml_collections.ConfigDict) -> Any:
+    """The defaults `value` at `path + key` is checked against; None: not checkable here
+    (an unknown evaluator kind or data source, which its own section's check reports)."""
+    if path == "evals." and key not in EVAL_OPTIONS:
+        # A task may have any name; its fields are those of its evaluator kind.
+        kind = value.get("kind") if isinstance(value, ml_collections.ConfigDict) else None
+        cls = EVALUATORS.find(kind)
+        return None if cls is None else cls.defaults()
+    if key not in schema:
+        where = f"config.{path[:-1]}" if path else "config"
+        raise ConfigError(f"config.{path}{key} is not a known field "
+                          f"({did_you_mean(key, list(schema.keys()))}); the fields of {where} "
+                          f"are {sorted(schema.keys())}")
+    expected = schema[key]
+    if (isinstance(expected, ml_collections.ConfigDict) and "source" in expected
+            and isinstance(value, ml_collections.ConfigDict)):
+        # A pool's fields are those of its data source.
+        cls = sources.REGISTRY.find(value.get("source"))
+        return None if cls is None else cls.defaults()
+    return expected
 
 
 def _known_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
                   path: str = "") -> None:
-    """ConfigError for a key, at any depth, that the schema does not have (a typo)."""
-    tasks = {task.kind: task for name, task in _schema().evals.items() if name not in EVAL_OPTIONS}
+    """ConfigError for a key, at any depth, that the schema does not have (a typo).
+
+    An empty group in the defaults (`selection.criterion_args`) is free-form: its owner
+    checks its keys.
+    """
     for key in config.keys():
-        value, field = config[key], f"{path}{key}"
-        if path == "evals." and key not in EVAL_OPTIONS:
-            # A task may have any name; its fields are those of the shipped task of its kind.
-            kind = value.get("kind") if isinstance(value, ml_collections.ConfigDict) else None
-            expected = tasks.get(kind)  # an unknown kind is reported by the task checks
-        elif key in schema:
-            expected = schema[key]
-        else:
-            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "typo?"
-            where = f"config.{path[:-1]}" if path else "config"
-            raise ConfigError(f"config.{field} is not a known field ({hint}); the fields of "
-                              f"{where} are {sorted(schema.keys())}")
+        value = config[key]
+        expected = _schema(path, key, value, schema)
         if isinstance(expected, ml_collections.ConfigDict):
-            _check(isinstance(value, ml_collections.ConfigDict), field, value,
-                   f"must be a group of fields {sorted(expected.keys())}")
-            _known_fields(value, expected, field + ".")
-
-
-def _bool(config, field: str) -> bool:
-    value = get_field(config, field)
-    _check(isinstance(value, bool), field, value, "must be True or False")
-    return value
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ConfigError for the first invalid field; `num_devices` enables mesh checks."""
-    _known_fields(config, _schema())
-    _int(config, "seed", 0, 2**32 - 1)
-    batch = _int(config, "batch_size", 1)
-    _int(config, "total_steps", 1)
-
-    _pool(config, "data.train")
-    image_size = _int(config, "data.image_size", 1)
-    _int(config, "data.text_len", 2)
-    _int(config, "data.num_threads", 0)
-    _int(config, "data.max_caption_bytes", 1)
-    tokenizer = get_field(config, "data.tokenizer")
-    _check(tokenizer == "bytes" or (isinstance(tokenizer, str) and os.path.isfile(tokenizer)),
-           "data.tokenizer", tokenizer,
-           "must be 'bytes' or the path of a SentencePiece .model file")
-
-    for tower in ("image_variant", "text_variant"):
-        _choice(config, f"model.{tower}", tuple(VARIANTS))
-    patch = _int(config, "model.patch_size", 1)
-    _check(image_size % patch == 0, "model.patch_size", patch,
-           f"must divide data.image_size={image_size}")
-    _int(config, "model.embed_dim", 1)
-    _choice(config, "model.dtype", ("float32", "bfloat16"))
-    _choice(config, "model.image_pool", ("map", "gap"))
-    _bool(config, "model.remat")
-    _float(config, "model.temperature_init", lambda v: v > 0, "must be > 0")
-    _float(config, "model.bias_init")
-
-    loss = _choice(config, "loss.name", ("sigmoid", "softmax"))
-    implementation = _choice(config, "loss.implementation", ("dense", "chunked"))
-    _check(implementation == "dense" or loss == "sigmoid", "loss.implementation",
-           implementation, "'chunked' exists for the sigmoid loss only; use 'dense'")
-
-    _float(config, "optimizer.learning_rate", lambda v: v > 0, "must be > 0")
-    _float(config, "optimizer.warmup_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
-    _float(config, "optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)")
-    _float(config, "optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)")
-    _float(config, "optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
-    _float(config, "optimizer.clip_norm", lambda v: v > 0, "must be > 0")
-
-    super_batch = _selection(config, batch, image_size)
-
-    _int(config, "evals.every_steps", 0)
-    _int(config, "evals.batch_size", 1)
-    max_examples = get_field(config, "evals.max_examples")
-    _check(isinstance(max_examples, int) and not isinstance(max_examples, bool)
-           and (max_examples == -1 or max_examples > 0),
-           "evals.max_examples", max_examples, "must be -1 (whole split) or a positive integer")
-    for name, task in config.evals.items():
-        if name in EVAL_OPTIONS:
-            continue
-        _check(isinstance(task, ml_collections.ConfigDict) and task.get("kind") in EVAL_KINDS,
-               f"evals.{name}", task if not isinstance(task, ml_collections.ConfigDict)
-               else task.get("kind"), f"must be a dict with kind in {list(EVAL_KINDS)}")
-        _pool(config, f"evals.{name}.data")
-        if task.kind == "zero_shot":
-            keys = get_field(config, f"evals.{name}.label_keys")
-            _check(isinstance(keys, (tuple, list)) and len(keys) > 0
-                   and all(isinstance(k, str) and k for k in keys), f"evals.{name}.label_keys",
-                   keys, "must be a non-empty list of label feature names")
-            templates = get_field(config, f"evals.{name}.templates")
-            _check(isinstance(templates, (tuple, list))
-                   and all(isinstance(t, str) and "{}" in t for t in templates),
-                   f"evals.{name}.templates", templates,
-                   "must be a list of prompt strings, each with one '{}' for the class name "
-                   "(empty: the dataset's own)")
-
-    axes, shape = get_field(config, "mesh.axes"), get_field(config, "mesh.shape")
-    _check(isinstance(axes, (tuple, list)) and len(axes) > 0 and len(set(axes)) == len(axes)
-           and all(isinstance(a, str) and a for a in axes),
-           "mesh.axes", axes, "must be a non-empty list of distinct axis names (strings)")
-    _check(isinstance(shape, (tuple, list)) and len(shape) == len(axes)
-           and all(isinstance(s, int) and not isinstance(s, bool) and (s == -1 or s > 0)
-                   for s in shape)
-           and list(shape).count(-1) <= 1,
-           "mesh.shape", shape, f"must give one size per axis of {tuple(axes)} "
-           "(positive, or -1 once for 'the rest')")
-    rules = get_field(config, "mesh.rules")
-    _check(isinstance(rules, (tuple, list)), "mesh.rules", rules,
-           "must be a list of (regex, spec) pairs")
-    from jest_jax.sharding import mesh_shape, parse_rule
-
-    for i, rule in enumerate(rules):
-        try:
-            parse_rule(rule, axes)
-        except ValueError as e:
-            raise ConfigError(f"config.mesh.rules[{i}]={rule!r} is invalid: {e}") from None
-    if num_devices is not None:
-
-        try:
-            mesh_shape(axes, shape, num_devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        _check(batch % num_devices == 0, "batch_size", batch,
-               f"must be divisible by the {num_devices} devices of the mesh")
-        _check(super_batch % num_devices == 0, "selection.filter_ratio",
-               config.selection.filter_ratio, f"gives a super-batch of {super_batch}, which "
-               f"must be divisible by the {num_devices} devices of the mesh")
-        eval_batch = config.evals.batch_size
-        _check(eval_batch % num_devices == 0, "evals.batch_size", eval_batch,
-               f"must be divisible by the {num_devices} devices of the mesh")
-
-    _int(config, "checkpoint.every_steps", 1)
-    _int(config, "checkpoint.max_to_keep", 1)
-    _choice(config, "faults.nonfinite", NONFINITE_POLICIES)
-    _choice(config, "faults.bad_records", BAD_RECORD_POLICIES)
-    _int(config, "logging.every_steps", 1)
-    _bool(config, "logging.tensorboard")
-
-
-def _selection(config, batch: int, image_size: int) -> int:
-    """Check `config.selection`; returns the super-batch size N."""
-    method = _choice(config, "selection.method", METHODS)
-    ratio = _float(config, "selection.filter_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)")
-    try:
-        super_batch = super_batch_size(batch, ratio)
-    except ValueError as e:
-        raise ConfigError(f"config.selection.filter_ratio={ratio!r} is invalid: {e}; choose "
-                          "f so that batch_size / (1 - f) is a whole number") from None
-    _check(method == "uniform" or ratio > 0, "selection.filter_ratio", ratio,
-           f"must be > 0 for method {method!r}: with 0 the super-batch is the batch and "
-           "there is nothing to select from (the paper uses 0.8)")
-    chunks = _int(config, "selection.num_chunks", 1)
-    if method == "joint":
-        _check(batch % chunks == 0, "selection.num_chunks", chunks,
-               f"must divide batch_size={batch}")
-    _float(config, "selection.score_gain")
-    _choice(config, "selection.sampling", ("topk", "sample"))
-    _choice(config, "selection.implementation", IMPLEMENTATIONS)
-    patch = _int(config, "selection.score_patch_size", 0)
-    _check(patch == 0 or image_size % patch == 0, "selection.score_patch_size", patch,
-           f"must be 0 or divide data.image_size={image_size}")
-    name = get_field(config, "selection.criterion")
-    try:
-        criterion = criteria.get(name)
-    except ValueError as e:
-        raise ConfigError(f"config.selection.criterion={name!r} is invalid: {e}") from None
-    for key in ("workdir", "cache_dir"):
-        value = get_field(config, f"selection.reference.{key}")
-        _check(isinstance(value, str), f"selection.reference.{key}", value, "must be a string")
-    if method != "uniform" and criteria.needs_reference(criterion):
-        workdir = config.selection.reference.workdir
-        _check(workdir != "", "selection.reference.workdir", workdir,
-               f"criterion {name!r} needs a reference model: give the workdir of a run "
-               "trained on curated data")
-        ckpt_dir = os.path.join(workdir, "checkpoints")
-        _check(os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)),
-               "selection.reference.workdir", workdir,
-               "has no checkpoint; train the reference there first")
-    return super_batch
+            Section(config, path[:-1]).check(
+                isinstance(value, ml_collections.ConfigDict), key, value,
+                f"must be a group of fields {sorted(expected.keys())}")
+            if len(expected):
+                _known_fields(value, expected, f"{path}{key}.")

@@ -5,33 +5,75 @@ What is guaranteed, and the test of each guarantee, is in docs/reliability.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from jest_jax.metrics import log
-from jest_jax.scoring import SCORES_OK
+from jest_jax import log
+from jest_jax.fields import Section
 
-# What the step checks, in causal order: the first non-finite one is the cause of the rest.
-NONFINITE_QUANTITIES = ("selection scores", "loss", "gradients", "updated state")
-NONFINITE = "faults/nonfinite"  # per-step metric: bit i set <=> NONFINITE_QUANTITIES[i] is bad
-# Test-only (docs/reliability.md): SIGKILL this process while the checkpoint of this step
-# is being written, to prove a half-written checkpoint is never resumed from.
-KILL_IN_SAVE_ENV = "JEST_JAX_TEST_KILL_IN_SAVE"
-
-Step = Callable[[Any, Any, Any], tuple[Any, dict]]
+NONFINITE_POLICIES = ("stop", "skip")
+BAD_RECORD_POLICIES = ("skip", "error")
 
 
 class WorkdirError(OSError):
     """The workdir cannot be created or written: found at start-up, before training."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultPolicy:
+    """`config.faults`: what a run does about NaN/Inf and about bad training records."""
+
+    nonfinite: str = "stop"
+    bad_records: str = "skip"
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()  # docs/reliability.md
+        c.nonfinite = "stop"     # NaN/Inf in selection scores, loss, gradients or new params:
+        #                          stop (error naming the step and the first such quantity)
+        #                          | skip (keep params and optimizer state, count the step)
+        c.bad_records = "skip"   # data.train record with an unreadable image, a wrong image
+        #                          shape, an empty or over-long caption: skip (logged with its
+        #                          index, counted, replaced by the next good record) | error
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section) -> FaultPolicy:
+        return cls(section.choice("nonfinite", NONFINITE_POLICIES),
+                   section.choice("bad_records", BAD_RECORD_POLICIES))
+
+
+class Health(NamedTuple):
+    """What one step checked, each a bool[] that is True when all finite.
+
+    In causal order: the first one that is False is the cause of the rest.
+    """
+
+    scores: jax.Array    # selection scores: no NaN or +inf (-inf means "never pick")
+    loss: jax.Array
+    gradients: jax.Array
+    state: jax.Array     # the updated params and optimizer state
+
+    def ok(self) -> jax.Array:
+        return self.scores & self.loss & self.gradients & self.state
+
+    def failed(self) -> list[str]:
+        """The names of the failed checks, first cause first (host values)."""
+        return [NAMES[name] for name in self._fields if not bool(getattr(self, name))]
+
+
+NAMES = {"scores": "selection scores", "loss": "loss", "gradients": "gradients",
+         "state": "updated state"}
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -40,37 +82,25 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def guard_step(step: Step, policy: str) -> Step:
-    """`step` that also reports non-finite quantities as the `faults/nonfinite` bitmask.
+def check(scores_ok: jax.Array, loss: jax.Array, grad_norm: jax.Array, new: dict) -> Health:
+    """The `Health` of a step from its selection-scores flag, loss, gradient norm and new
+    state (inside the jitted step)."""
+    return Health(scores_ok, jnp.isfinite(loss), jnp.isfinite(grad_norm),
+                  _all_finite({k: v for k, v in new.items() if k != "step"}))
 
-    With policy "skip", a step with any of them keeps the previous params and optimizer
-    state (the step counter still advances, so the next step draws the next batch and
-    its own selection key); "stop" leaves the decision to the host (the training loop
-    raises `NonFiniteLossError` when it reads the mask).
+
+def apply_policy(policy: str, health: Health, new: dict, old: dict) -> dict:
+    """The state to continue from. "skip": a step that failed a check keeps the previous
+    params and optimizer state (the step counter still advances, so the next step draws
+    the next batch and its own selection key); "stop" keeps the new state and leaves the
+    decision to the host (the loop raises `NonFiniteLossError` when it reads the health).
     Skipping keeps the old state alive next to the new one: one extra state in memory.
     """
-
-    def guarded(state: dict, batch: Any, reference: Any) -> tuple[dict, dict]:
-        new, metrics = step(state, batch, reference)
-        bad = [~metrics.pop(SCORES_OK, jnp.array(True)),
-               ~jnp.isfinite(metrics["loss"]),
-               ~jnp.isfinite(metrics["grad_norm"]),
-               ~_all_finite({k: v for k, v in new.items() if k != "step"})]
-        code = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
-        metrics[NONFINITE] = code
-        if policy == "skip":
-            ok = code == 0
-            new = {k: v if k == "step" else
-                   jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, state[k])
-                   for k, v in new.items()}
-        return new, metrics
-
-    return guarded
-
-
-def nonfinite_quantities(code: int) -> list[str]:
-    """The names set in a `faults/nonfinite` bitmask, first cause first."""
-    return [name for i, name in enumerate(NONFINITE_QUANTITIES) if code >> i & 1]
+    if policy != "skip":
+        return new
+    ok = health.ok()
+    return {k: v if k == "step" else jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, old[k])
+            for k, v in new.items()}
 
 
 class Preemption:
@@ -84,11 +114,11 @@ class Preemption:
     run, and a single TPU VM, where `main` initialises it too), JAX's own notifier owns
     SIGTERM and hosts would see it at different steps, so the loop asks `sync_point`
     (orbax's `reached_preemption`, JAX's preemption sync point) where all hosts agree on
-    the step; no Python handler is installed then. The previous handler is restored on exit.
+    the step (given to `reached`); no Python handler is installed then. The previous handler is
+    restored on exit.
     """
 
     def __init__(self) -> None:
-        self.sync_point: Callable[[int], bool] = lambda step: False
         self._signal: int | None = None
         self._previous: Any = None
         self._installed = False
@@ -113,13 +143,14 @@ class Preemption:
         del frame
         self._signal = signum
 
-    def reached(self, step: int) -> bool:
-        """Whether to checkpoint after `step` and stop (call after every step, on all hosts)."""
+    def reached(self, step: int, sync_point: Callable[[int], bool]) -> bool:
+        """Whether to checkpoint after `step` and stop (call after every step, on all hosts);
+        `sync_point(step)` answers when JAX's notifier owns SIGTERM."""
         if not self._installed:
-            return self.sync_point(step)
+            return sync_point(step)
         if self._signal is not None and not self._told:
             self._told = True
-            log("SIGTERM received: checkpointing after this step and exiting")
+            log.info("SIGTERM received: checkpointing after this step and exiting")
         return self._signal is not None
 
 
@@ -153,17 +184,3 @@ def check_writable(workdir: str) -> None:
                 f"--workdir {workdir!r} is not writable: {path!r}: {e.strerror or e}; "
                 "nothing was trained. Choose a directory this user can create and write "
                 "in") from None
-
-
-def maybe_kill_in_save(step: int, checkpoint_dir: str) -> None:
-    """Test hook (JEST_JAX_TEST_KILL_IN_SAVE=<step>): SIGKILL once orbax has begun writing
-    the checkpoint of `step` in the background, before it is committed."""
-    if os.environ.get(KILL_IN_SAVE_ENV) != str(step):
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the temporary dir appears when the write starts
-        if any(name.startswith(f"{step}.orbax-checkpoint-tmp")
-               for name in os.listdir(checkpoint_dir)):
-            break
-        time.sleep(0.001)
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,16 +1,41 @@
 """Contrastive losses on L2-normalised embeddings (rows = images, cols = texts).
 
 The pair-loss formula lives in ``pair_losses_block`` only; the dense matrix,
-the matrix-free selection blocks and the batch loss are all built on it.
+the matrix-free selection blocks and the batch loss are all built on it. ``Loss``
+is the component that reads ``config.loss`` and computes the configured batch loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec as P
+
+from jest_jax.fields import Section
+
+NAMES = ("sigmoid", "softmax")
+IMPLEMENTATIONS = ("dense", "chunked")
+
+
+class Embeddings(NamedTuple):
+    """One model's view of a batch: L2-normalised embeddings, t' and β.
+
+    The norms (before normalisation) are per-example terms a criterion may read; they
+    are only computed when one asks for them, else None.
+    """
+
+    image: jax.Array            # f[N, D]
+    text: jax.Array             # f[N, D]
+    log_temperature: jax.Array  # f[]
+    bias: jax.Array             # f[]
+    image_norm: jax.Array | None = None  # f[N]
+    text_norm: jax.Array | None = None   # f[N]
 
 
 def positive_mask(row_ids: jax.Array, col_ids: jax.Array) -> jax.Array:
@@ -32,6 +57,11 @@ def pair_losses_block(
     ``txt_cols f32[K, D]``, ``is_positive bool[M, K]`` -> ``f32[M, K]``.
     Computed in float32 at least (bfloat16 inputs are upcast; float64 stays float64).
     """
+    chex.assert_rank([img_rows, txt_cols, is_positive], 2)
+    chex.assert_type([img_rows, txt_cols], float)
+    chex.assert_type(is_positive, bool)
+    chex.assert_equal_shape_suffix([img_rows, txt_cols], 1)
+    chex.assert_shape(is_positive, (img_rows.shape[0], txt_cols.shape[0]))
     dtype = jnp.result_type(img_rows.dtype, txt_cols.dtype, jnp.float32)
     img = img_rows.astype(dtype)
     txt = txt_cols.astype(dtype)
@@ -45,6 +75,7 @@ def sigmoid_pair_losses(
     img: jax.Array, txt: jax.Array, log_temperature: jax.Array, bias: jax.Array
 ) -> jax.Array:
     """The full ``f32[N, N]`` pair-loss matrix of a batch of N aligned pairs."""
+    chex.assert_equal_shape([img, txt])
     n = img.shape[0]
     return pair_losses_block(img, txt, log_temperature, bias, jnp.eye(n, dtype=bool))
 
@@ -129,9 +160,45 @@ def sigmoid_loss_chunked(
 
 def softmax_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array) -> jax.Array:
     """CLIP loss: mean of the image→text and text→image cross-entropies."""
+    chex.assert_rank([img, txt], 2)
+    chex.assert_equal_shape([img, txt])
     img = img.astype(jnp.float32)
     txt = txt.astype(jnp.float32)
     logits = jnp.exp(jnp.asarray(log_temperature, jnp.float32)) * (img @ txt.T)
     img_to_txt = jnp.diagonal(jax.nn.log_softmax(logits, axis=1))
     txt_to_img = jnp.diagonal(jax.nn.log_softmax(logits, axis=0))
     return -0.5 * (img_to_txt.mean() + txt_to_img.mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """`config.loss`: which contrastive loss a batch trains on, and how it is computed."""
+
+    name: str = "sigmoid"
+    implementation: str = "dense"
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.name = "sigmoid"               # sigmoid (SigLIP) | softmax (CLIP)
+        c.implementation = "dense"       # sigmoid only. dense: the global B×B logits; chunked:
+        #                                  text embeddings travel round the devices (ppermute
+        #                                  ring), each holds (B/d)² logits at a time. Same value
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section) -> Loss:
+        name = section.choice("name", NAMES)
+        implementation = section.choice("implementation", IMPLEMENTATIONS)
+        section.check(implementation == "dense" or name == "sigmoid", "implementation",
+                      implementation, "'chunked' exists for the sigmoid loss only; use 'dense'")
+        return cls(name, implementation)
+
+    def __call__(self, e: Embeddings, mesh: jax.sharding.Mesh) -> jax.Array:
+        """The loss of a batch of aligned pairs; `mesh` places the chunked variant's ring."""
+        if self.name == "softmax":
+            return softmax_loss(e.image, e.text, e.log_temperature)
+        if self.implementation == "chunked":
+            # Texts travel round the devices; no device holds the global B×B logits.
+            return sigmoid_loss_chunked(e.image, e.text, e.log_temperature, e.bias, mesh)
+        return sigmoid_loss(e.image, e.text, e.log_temperature, e.bias)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from jest_jax import config as config_lib
+from jest_jax import log
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_lib.validate(config)  # device-independent checks, before any device is touched
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if _MODE.value != "cache" and not _WORKDIR.value:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
@@ -83,9 +83,8 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError, WorkdirError,
             BadRecordError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    if jax.process_index() == 0:
-        for name, value in sorted(results.items()):
-            print(f"{name:32s} {value:.4f}")
+    for name, value in sorted(results.items()):
+        log.info(f"{name:32s} {value:.4f}")
 
 
 def run() -> None:

@@ -1,27 +1,47 @@
-"""Metric writers (JSONL, TensorBoard without TensorFlow), progress lines, FLOP counts."""
+"""Metric writers (JSONL, TensorBoard without TensorFlow) and FLOP counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import sys
-import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any
 
 import jax
+import ml_collections
+
+from jest_jax.fields import Section
+from jest_jax.files import write_atomically
 
 
-def log(message: str) -> None:
-    """Print on process 0 only (every process runs the same loop)."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
+@dataclasses.dataclass(frozen=True)
+class LoggingSpec:
+    """`config.logging`: how often a training row is logged, and where to."""
+
+    every_steps: int = 10
+    tensorboard: bool = True
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.every_steps = 10           # progress line + metrics.jsonl row every N steps
+        c.tensorboard = True         # also write TensorBoard event files (no TensorFlow needed)
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section) -> LoggingSpec:
+        return cls(section.integer("every_steps", 1), section.boolean("tensorboard"))
 
 
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl` and
-    mirrors scalars to TensorBoard event files. Only process 0 writes."""
+    mirrors scalars to TensorBoard event files. Only process 0 writes.
+
+    Each row is one whole-line append; a run killed mid-append leaves a torn last line,
+    which `read_metrics` never returns as a row and `truncate_after` (run at every start)
+    removes by an atomic rewrite."""
 
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.active = jax.process_index() == 0
@@ -64,13 +84,6 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def write_atomically(path: str, text: str) -> None:
-    """A reader (or a run killed mid-write) sees the old file or the new, never half."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All rows of `workdir/metrics.jsonl` (empty if none yet)."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -80,45 +93,6 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         lines = f.read().split("\n")
     # A run killed mid-write may leave a last line without its newline: not a row yet.
     return [json.loads(line) for line in lines[:-1] if line.strip()]
-
-
-class Progress:
-    """Periodic one-line progress reports: step, steps/s, ETA and chosen metrics."""
-
-    def __init__(self, total_steps: int, first_step: int, stream: TextIO | None = None):
-        self.total = total_steps
-        self._last_step = first_step
-        self._last_time = time.perf_counter()
-        self._stream = stream
-        self.steps_per_sec = float("nan")
-
-    def restart_clock(self, step: int) -> None:
-        """Measure the next rate from here: evals and checkpoints do not count as steps."""
-        self._last_step, self._last_time = step, time.perf_counter()
-
-    def update(self, step: int, metrics: Mapping[str, Any]) -> None:
-        now = time.perf_counter()
-        if step > self._last_step:
-            self.steps_per_sec = (step - self._last_step) / (now - self._last_time)
-        self._last_step, self._last_time = step, now
-        eta = (self.total - step) / self.steps_per_sec if self.steps_per_sec > 0 else float("nan")
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-        if jax.process_index() == 0:
-            print(f"[{step:>6}/{self.total}] {self.steps_per_sec:6.2f} steps/s "
-                  f"ETA {_duration(eta)}  {shown}", file=self._stream or sys.stdout, flush=True)
-
-
-def _fmt(value: Any) -> str:
-    value = _scalar(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    minutes, sec = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes:02d}:{sec:02d}"
 
 
 def compiled_flops(compiled: Any) -> float:

@@ -1,10 +1,11 @@
 """The batch-scoring kernel: super-batch → embeddings → scores → selected indices.
 
-`Scorer` runs inside the jitted train step (DESIGN.md §2, stage 3): learner and
-reference forward passes in inference mode on the N candidates, the criterion, and
-the selection method, returning the `b` indices to train on and diagnostics. The
-reference is either a frozen model (its params) or the reference embedding cache,
-attached to each candidate by the input pipeline (`ref_image`, `ref_text`).
+`SelectionSpec` is `config.selection`, validated and resolved. `Scorer` runs inside the
+jitted train step (docs/design.md §2, stage 3): learner and reference forward passes in
+inference mode on the N candidates, the criterion (with its context), and the selection
+method, returning the `b` indices to train on, diagnostics and whether the scores were
+usable. The reference is a `reference.ReferenceSource`: frozen params, the embedding
+cache, or none.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jest_jax import criteria, selection
-from jest_jax.selection import Embeddings
+from jest_jax import criteria, methods, selection
+from jest_jax.fields import ConfigError, Section
+from jest_jax.losses import Embeddings
 
-METHODS = ("uniform", "independent", "joint")
 IMPLEMENTATIONS = ("auto", "dense", "matrix_free")
 # `auto` materialises S only for tiny super-batches, where either way costs well under 1%
 # of a step and dense is the simpler program; above, matrix-free was faster at every size
 # measured (1.03x at N=320 to 4.3x at N=16384 on CPU) and far smaller (docs/benchmarks.md).
 DENSE_MAX_CANDIDATES = 256
-# Metric the train step's non-finite guard reads (and drops): were the scores usable?
-SCORES_OK = "selection/scores_ok"
+# Folded into the seed's key so selection draws are independent of parameter init.
+_SELECTION_STREAM = 0x5E1EC7
+# Batch entries that are bookkeeping, not per-example data a criterion should read.
+_NOT_FIELDS = ("bad_records",)
 
-Embed = Callable[[Any, dict[str, jax.Array]], Embeddings]
+Embed = Callable[..., Embeddings]
 
 
 def super_batch_size(batch_size: int, filter_ratio: float) -> int:
@@ -47,117 +50,166 @@ def super_batch_size(batch_size: int, filter_ratio: float) -> int:
 class SelectionSpec:
     """`config.selection`, resolved: what to select, from how many, and how."""
 
-    method: str
-    criterion: criteria.Criterion
+    method_name: str
+    method: methods.SelectionMethod
+    criterion: criteria.Bound
     num_select: int
     num_candidates: int
-    num_chunks: int = 16
-    score_gain: float = 1.0
-    sampling: str = "topk"
     implementation: str = "dense"
     score_patch_size: int | None = None
 
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        """The section's fields; `selection.reference` is `reference.ReferenceSpec`'s."""
+        c = ml_collections.ConfigDict()
+        c.method = "uniform"   # uniform (plain SigLIP) | independent | joint (JEST), or your own
+        #                        "package.module:Class" (docs/design.md, "Selection method")
+        c.method_args = ml_collections.ConfigDict()  # fields of your own method, checked by it
+        c.criterion = "learnability"  # learnability | hard_learner | easy_reference,
+        #                        or your own "package.module:function" (docs/selection.md)
+        c.criterion_args = ml_collections.ConfigDict()  # keyword hyperparameters of the
+        #                        criterion, checked against its signature
+        c.filter_ratio = 0.0   # f: each step draws N = batch_size / (1 - f) candidates
+        #                        and trains on batch_size of them (paper: 0.8)
+        c.num_chunks = 16      # joint: the batch is drawn in this many chunks (paper: 16)
+        c.score_gain = 1.0     # g: sampling p ∝ exp(g * score) (joint; independent/sample)
+        c.sampling = "topk"    # independent: topk (deterministic) | sample (∝ exp(g*s))
+        c.implementation = "auto"  # dense (N×N scores) | matrix_free | auto (dense up
+        #                            to 256 candidates)
+        c.score_patch_size = 0  # Flexi-JEST: score with the learner at this patch size
+        #                         (0: model.patch_size); must divide data.image_size
+        return c
+
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> SelectionSpec:
-        s = config.selection
-        n = super_batch_size(config.batch_size, s.filter_ratio)
-        implementation = s.implementation
+    def from_config(cls, section: Section, batch_size: int, image_size: int) -> SelectionSpec:
+        name = section.get("method")
+        try:
+            method_cls = methods.REGISTRY.get(name)
+        except ValueError as e:
+            raise section.error("method", name, str(e)) from None
+        section.check(hasattr(method_cls, "from_config") and hasattr(method_cls, "uses_scores"),
+                      "method", name, "is not a selection method: it needs `uses_scores` and "
+                      "`from_config` (docs/design.md, \"Selection method\")")
+        ratio = section.number("filter_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)")
+        try:
+            n = super_batch_size(batch_size, ratio)
+        except ValueError as e:
+            raise ConfigError(f"config.{section.field('filter_ratio')}={ratio!r} is invalid: "
+                              f"{e}; choose f so that batch_size / (1 - f) is a whole "
+                              "number") from None
+        section.check(not method_cls.uses_scores or ratio > 0, "filter_ratio", ratio,
+                      f"must be > 0 for method {name!r}: with 0 the super-batch is the batch "
+                      "and there is nothing to select from (the paper uses 0.8)")
+        # Fields some built-in methods share; checked whichever method is chosen.
+        section.integer("num_chunks", 1)
+        section.number("score_gain")
+        section.choice("sampling", selection.SAMPLINGS)
+        section.mapping("method_args")
+        implementation = section.choice("implementation", IMPLEMENTATIONS)
         if implementation == "auto":
             implementation = "dense" if n <= DENSE_MAX_CANDIDATES else "matrix_free"
-        return cls(method=s.method, criterion=criteria.get(s.criterion),
-                   num_select=config.batch_size, num_candidates=n, num_chunks=s.num_chunks,
-                   score_gain=float(s.score_gain), sampling=s.sampling,
-                   implementation=implementation, score_patch_size=s.score_patch_size or None)
+        patch = section.integer("score_patch_size", 0)
+        section.check(patch == 0 or image_size % patch == 0, "score_patch_size", patch,
+                      f"must be 0 or divide data.image_size={image_size}")
+        criterion = section.get("criterion")
+        try:
+            bound = criteria.bind(criterion, section.mapping("criterion_args"),
+                                  section.field("criterion_args"))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise section.error("criterion", criterion, str(e)) from None
+        method = method_cls.from_config(section, num_select=batch_size, num_candidates=n)
+        return cls(name, method, bound, batch_size, n, implementation, patch or None)
 
     @property
     def active(self) -> bool:
         """False for plain SigLIP: uniform over a super-batch equal to the batch."""
-        return self.method != "uniform" or self.num_candidates > self.num_select
+        return self.method.uses_scores or self.num_candidates > self.num_select
 
     @property
     def needs_reference(self) -> bool:
-        return self.method != "uniform" and criteria.needs_reference(self.criterion)
+        return self.method.uses_scores and criteria.needs_reference(self.criterion)
 
 
-def select(spec: SelectionSpec, key: jax.Array, learner: Embeddings | None,
-           reference: Embeddings | None,
-           score_sharding: Any = None) -> tuple[jax.Array, jax.Array | None]:
-    """The `spec.num_select` indices chosen by `spec.method` from the candidates, and the
-    scores the choice was made from (None for uniform): per-example scores for
-    independent selection, every chunk's conditional scores for joint selection.
-
-    `score_sharding` places a dense N×N score matrix (split by rows over the devices, so
-    no device holds all of it); the matrix-free path never builds one.
-    """
-
-    def dense_scores() -> jax.Array:
-        scores = selection.score_matrix(learner, reference, spec.criterion)
-        if score_sharding is None:
-            return scores
-        return jax.lax.with_sharding_constraint(scores, score_sharding)
-
-    if spec.method == "uniform":
-        return selection.uniform_select(key, spec.num_candidates, spec.num_select), None
-    if spec.method == "independent":
-        if spec.implementation == "dense":
-            scores = dense_scores().sum(axis=1)
-        else:
-            scores = selection.row_scores_from_embeddings(
-                learner, reference, spec.criterion, block_size=spec.num_select)
-        return selection.independent_select(key, scores, spec.num_select, spec.sampling,
-                                            spec.score_gain), scores
-    if spec.implementation == "dense":
-        return selection.joint_select(key, dense_scores(), spec.num_select, spec.num_chunks,
-                                      spec.score_gain, return_conditionals=True)
-    return selection.joint_select_from_embeddings(key, learner, reference, spec.criterion,
-                                                  spec.num_select, spec.num_chunks,
-                                                  spec.score_gain, return_conditionals=True)
-
-
-def scores_ok(scores: jax.Array) -> jax.Array:
-    """No NaN and no +inf. -inf is allowed: it is how a criterion says "never pick this"."""
-    return ~jnp.any(jnp.isnan(scores) | (scores == jnp.inf))
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jit keys on it
 class Scorer:
     """Scores a super-batch and selects from it; pure, so it runs inside `jax.jit`.
 
-    `embed_learner(params, batch)` and `embed_reference(reference, batch)` give the
-    models' `Embeddings` of the candidates; `reference` is whatever the trainer passes
-    (frozen params, or the cache's t' and β).
+    `embed_learner(params, batch, norms)` gives the learner's `Embeddings` of the
+    candidates (at the scoring patch size); `reference.embed(reference_input, batch,
+    norms)` the reference's, where `reference_input` is what the train step is handed
+    (frozen params, the cache's t' and β, or nothing).
     """
 
     spec: SelectionSpec
+    seed: int
     embed_learner: Embed
-    embed_reference: Embed | None = None
+    reference: Any  # reference.ReferenceSource
     score_sharding: Any = None  # a dense score matrix's placement (rows over the devices)
 
-    def __call__(self, key: jax.Array, params: Any, reference: Any,
-                 batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(indices int32[b], diagnostics) for the super-batch `batch` of N candidates."""
+    def key(self, step: jax.Array) -> jax.Array:
+        """The selection key of `step`: a resumed run selects exactly what it would have."""
+        return jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(self.seed), _SELECTION_STREAM), step)
+
+    def context(self, batch: dict[str, jax.Array], step: jax.Array, learner: Embeddings,
+                reference: Embeddings | None) -> criteria.Context:
+        """Per-example vectors a criterion may read: the candidates' scalar fields, and
+        the embedding norms of each model that computed them."""
+        fields = {k: v for k, v in batch.items() if v.ndim == 1 and k not in _NOT_FIELDS}
+        for who, e in (("learner", learner), ("reference", reference)):
+            if e is not None and e.image_norm is not None:
+                fields[f"{who}_image_norm"] = e.image_norm
+                fields[f"{who}_text_norm"] = e.text_norm
+        return criteria.Context(step, fields)
+
+    def scores(self, learner: Embeddings, reference: Embeddings | None,
+               context: criteria.Context) -> selection.Scores:
+        spec = self.spec
+        if spec.implementation == "dense":
+            return selection.DenseScores.compute(learner, reference, spec.criterion, context,
+                                                 self.score_sharding)
+        return selection.BlockScores(learner, reference, spec.criterion, context,
+                                     block_size=spec.num_select)
+
+    def __call__(self, key: jax.Array, params: Any, reference_input: Any,
+                 batch: dict[str, jax.Array], step: jax.Array | int = 0
+                 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+        """(indices int32[b], diagnostics, scores usable) for the super-batch `batch`."""
         spec = self.spec
         select_key, random_key = jax.random.split(key)
         metrics: dict[str, jax.Array] = {}
-        if spec.method == "uniform":
-            idx, _ = select(spec, select_key, None, None)
+        ok = jnp.array(True)
+        if not spec.method.uses_scores:
+            idx, _ = spec.method(select_key, None)
         else:
-            learner = self.embed_learner(params, batch)
-            ref = self.embed_reference(reference, batch) if spec.needs_reference else None
-            idx, scores = select(spec, select_key, learner, ref, self.score_sharding)
-            metrics[SCORES_OK] = scores_ok(scores)
-            # The baseline is a random sub-batch of the same size: batch scores grow with
-            # batch size (off-diagonal sums), so the super-batch itself is no yardstick.
-            baseline = selection.uniform_select(random_key, spec.num_candidates,
-                                                spec.num_select)
-            metrics["selection/score_selected"] = selection.batch_score(
-                learner, ref, spec.criterion, idx)
-            metrics["selection/score_random"] = selection.batch_score(
-                learner, ref, spec.criterion, baseline)
-            # Per example (S_ii, its score with its own caption): selected vs super-batch.
-            diag = selection.diagonal_scores(learner, ref, spec.criterion)
-            metrics["selection/self_score_selected"] = diag[idx].mean()
-            metrics["selection/self_score_super"] = diag.mean()
+            norms = spec.criterion.wants_context  # only a criterion with context reads them
+            learner = self.embed_learner(params, batch, norms=norms)
+            ref = (self.reference.embed(reference_input, batch, norms=norms)
+                   if spec.needs_reference else None)
+            context = self.context(batch, step, learner, ref)
+            idx, used = spec.method(select_key, self.scores(learner, ref, context))
+            if used is not None:
+                ok = selection.scores_ok(used)
+            metrics.update(self._diagnostics(random_key, idx, learner, ref, context))
         if "is_clean" in batch:
             metrics["selection/clean_super"] = jnp.mean(batch["is_clean"].astype(jnp.float32))
-        return idx, metrics
+        return idx, metrics, ok
+
+    def _diagnostics(self, key: jax.Array, idx: jax.Array, learner: Embeddings,
+                     ref: Embeddings | None, context: criteria.Context) -> dict[str, jax.Array]:
+        spec = self.spec
+        # The baseline is a random sub-batch of the same size: batch scores grow with
+        # batch size (off-diagonal sums), so the super-batch itself is no yardstick.
+        baseline = selection.uniform_select(key, spec.num_candidates, spec.num_select)
+        # Per example (S_ii, its score with its own caption): selected vs super-batch.
+        diag = selection.diagonal_scores(learner, ref, spec.criterion, context)
+        return {
+            "selection/score_selected": selection.batch_score(learner, ref, spec.criterion,
+                                                              idx, context),
+            "selection/score_random": selection.batch_score(learner, ref, spec.criterion,
+                                                            baseline, context),
+            "selection/self_score_selected": diag[idx].mean(),
+            "selection/self_score_super": diag.mean(),
+        }

@@ -1,35 +1,35 @@
-"""Choosing the training sub-batch from a super-batch of N candidates (DESIGN.md §1, §4).
+"""Choosing the training sub-batch from a super-batch of N candidates (docs/design.md §1, §4).
 
 All functions are pure and jittable, with no Python loop over examples; for a given
 key they are deterministic and return distinct int32 indices in `[0, N)`.
 
-Joint selection exists twice and both agree for the same key:
-- `joint_select` on a dense score matrix `S` (`N×N`);
-- `joint_select_from_embeddings`, which never builds `S`: each chunk computes the
-  `m×N` row block and `N×m` column block of pair losses from the embeddings
-  (memory `O(N·m)`, `m = num_select / num_chunks`).
+The score matrix `S = criterion(pair^learner, pair^reference)` is served by a `Scores`
+object in one of two ways, and every selection agrees index for index between them:
+- `DenseScores`: S materialised (`N×N`); rows and columns are slices of it;
+- `BlockScores`: S never built. Each request computes just its block of pair losses
+  from the embeddings (memory `O(N·m)` for an `m`-row block).
+
+`joint_select` (dense S given) and `joint_select_from_embeddings` (matrix-free) are the
+joint sampler over each; `Scores` is what selection methods (`jest_jax.methods`) use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Protocol
 
+import chex
 import jax
 import jax.numpy as jnp
 
 from jest_jax import criteria, losses
+from jest_jax.criteria import Context
+from jest_jax.losses import Embeddings
 
-Blocks = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+SAMPLINGS = ("topk", "sample")  # independent selection: deterministic top-b, or sampled
+CriterionLike = str | criteria.Criterion | criteria.Bound
 
-
-class Embeddings(NamedTuple):
-    """One model's view of a super-batch: L2-normalised embeddings, t' and β."""
-
-    image: jax.Array            # f[N, D]
-    text: jax.Array             # f[N, D]
-    log_temperature: jax.Array  # f[]
-    bias: jax.Array             # f[]
+__all__ = ["Embeddings", "SAMPLINGS", "Scores", "DenseScores", "BlockScores"]
 
 
 def check_sizes(num_candidates: int, num_select: int, num_chunks: int = 1) -> None:
@@ -65,17 +65,113 @@ def independent_select(key: jax.Array, scores: jax.Array, num_select: int,
         return jax.lax.top_k(scores, num_select)[1].astype(jnp.int32)
     if sampling == "sample":
         return _gumbel_top_k(key, score_gain * scores, num_select)
-    raise ValueError(f"sampling={sampling!r} must be 'topk' or 'sample'")
+    raise ValueError(f"sampling={sampling!r} must be one of {list(SAMPLINGS)}")
 
 
-def _blocked_sample(key: jax.Array, diag: jax.Array, blocks: Blocks, num_select: int,
-                    num_chunks: int, score_gain: float) -> tuple[jax.Array, jax.Array]:
-    """The paper's Algorithm 1, given the diagonal of S and a function returning the
-    row block `S[idx, :]` and column block `S[:, idx]` of chosen indices.
+def scores_ok(scores: jax.Array) -> jax.Array:
+    """No NaN and no +inf. -inf is allowed: it is how a criterion says "never pick this"."""
+    return ~jnp.any(jnp.isnan(scores) | (scores == jnp.inf))
+
+
+class Scores(Protocol):
+    """Access to the score matrix S of N candidates, whichever way it is computed."""
+
+    num_candidates: int
+
+    def diagonal(self) -> jax.Array:
+        """S_ii: f[N]."""
+
+    def rows(self, idx: jax.Array) -> jax.Array:
+        """S[idx, :]: f[len(idx), N]."""
+
+    def cols(self, idx: jax.Array) -> jax.Array:
+        """S[:, idx]: f[N, len(idx)]."""
+
+    def row_sums(self) -> jax.Array:
+        """Σ_j S_ij, each candidate's score with the super-batch as negatives: f[N]."""
+
+
+class DenseScores:
+    """S materialised as one N×N matrix."""
+
+    def __init__(self, matrix: jax.Array):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"joint_select needs a square score matrix f[N, N], got shape "
+                             f"{matrix.shape}")
+        self.matrix = matrix
+        self.num_candidates = matrix.shape[0]
+
+    @classmethod
+    def compute(cls, learner: Embeddings, reference: Embeddings | None,
+                criterion: CriterionLike, context: Context | None = None,
+                sharding: jax.sharding.Sharding | None = None) -> DenseScores:
+        """S from the embeddings; `sharding` places it (rows over the devices, so no
+        device holds all of it)."""
+        matrix = score_matrix(learner, reference, criterion, context)
+        if sharding is not None:
+            matrix = jax.lax.with_sharding_constraint(matrix, sharding)
+        return cls(matrix)
+
+    def diagonal(self) -> jax.Array:
+        return jnp.diagonal(self.matrix)
+
+    def rows(self, idx: jax.Array) -> jax.Array:
+        return self.matrix[idx]
+
+    def cols(self, idx: jax.Array) -> jax.Array:
+        return self.matrix[:, idx]
+
+    def row_sums(self) -> jax.Array:
+        return self.matrix.sum(axis=1)
+
+
+class BlockScores:
+    """S computed block by block from the embeddings, never materialised.
+
+    Per request four small matmuls give the learner's and reference's pair-loss block;
+    `row_sums` walks the rows in blocks of `block_size` (memory O(N·block_size)).
+    """
+
+    def __init__(self, learner: Embeddings, reference: Embeddings | None,
+                 criterion: CriterionLike, context: Context | None = None,
+                 block_size: int = 1024):
+        self.learner, self.reference = learner, reference
+        self.criterion = criteria.bind(criterion)
+        self.context = context or Context()
+        self.num_candidates = learner.image.shape[0]
+        self.block_size = min(block_size, self.num_candidates)
+
+    def _apply(self, pair: Callable[[Embeddings], jax.Array], context: Context) -> jax.Array:
+        return _apply(self.criterion, pair, self.learner, self.reference, context)
+
+    def diagonal(self) -> jax.Array:
+        return self._apply(_pair_diag, self.context.diag(self.num_candidates))
+
+    def rows(self, idx: jax.Array) -> jax.Array:
+        every = jnp.arange(self.num_candidates)
+        return self._apply(lambda e: _pair_rows(e, idx), self.context.block(idx, every))
+
+    def cols(self, idx: jax.Array) -> jax.Array:
+        every = jnp.arange(self.num_candidates)
+        return self._apply(lambda e: _pair_cols(e, idx), self.context.block(every, idx))
+
+    def row_sums(self) -> jax.Array:
+        n, size = self.num_candidates, self.block_size
+        num_blocks = -(-n // size)
+        # Pad the last block with row 0 and drop the padding after.
+        rows = jnp.arange(num_blocks * size).reshape(num_blocks, size) % n
+        sums = jax.lax.map(lambda idx: self.rows(idx).sum(1), rows)
+        return sums.reshape(-1)[:n]
+
+
+def _blocked_sample(key: jax.Array, scores: Scores, num_select: int, num_chunks: int,
+                    score_gain: float) -> tuple[jax.Array, jax.Array]:
+    """The paper's Algorithm 1 over any `Scores`.
 
     Returns (indices int32[num_select], conditionals f[num_chunks, N]), where
     `conditionals[k, i] = S_ii + Σ_{j chosen in chunks < k} (S_ji + S_ij)`.
     """
+    diag = scores.diagonal()
     n = diag.shape[0]
     check_sizes(n, num_select, num_chunks)
     m = num_select // num_chunks
@@ -92,8 +188,7 @@ def _blocked_sample(key: jax.Array, diag: jax.Array, blocks: Blocks, num_select:
     def chunk(carry, key):
         cond, taken = carry
         idx = draw(key, cond, taken)
-        rows, cols = blocks(idx)
-        new = cond + rows.sum(axis=0) + cols.sum(axis=1)  # Σ_{j∈chunk} S_ji + S_ij
+        new = cond + scores.rows(idx).sum(axis=0) + scores.cols(idx).sum(axis=1)
         return (new, taken.at[idx].set(True)), (idx, diag + cond)
 
     init = (jnp.zeros_like(diag), jnp.zeros(n, bool))
@@ -102,22 +197,25 @@ def _blocked_sample(key: jax.Array, diag: jax.Array, blocks: Blocks, num_select:
     last = draw(keys[-1], cond, taken)
     indices = jnp.concatenate([idx.reshape(-1), last])
     conditionals = jnp.concatenate([conds, (diag + cond)[None]])
+    chex.assert_shape(indices, (num_select,))
     return indices, conditionals
+
+
+def joint_sample(key: jax.Array, scores: Scores, num_select: int, num_chunks: int,
+                 score_gain: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Joint (batch-level) selection over `scores`: (indices, every chunk's conditionals).
+
+    Chunk 1 draws m = num_select / num_chunks indices with p ∝ exp(g·S_ii); chunk k
+    draws m more among the rest with p ∝ exp(g·c_i), c_i = S_ii + Σ_{j chosen}(S_ji + S_ij).
+    """
+    return _blocked_sample(key, scores, num_select, num_chunks, score_gain)
 
 
 def joint_select(key: jax.Array, scores: jax.Array, num_select: int, num_chunks: int,
                  score_gain: float = 1.0, return_conditionals: bool = False):
-    """Joint (batch-level) selection from a dense score matrix `scores` f[N, N].
-
-    Chunk 1 draws m = num_select / num_chunks indices with p ∝ exp(g·S_ii); chunk k
-    draws m more among the rest with p ∝ exp(g·c_i), c_i = S_ii + Σ_{j chosen}(S_ji + S_ij).
-    With `return_conditionals`, also returns every chunk's c (f[num_chunks, N]).
-    """
-    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"joint_select needs a square score matrix f[N, N], got shape "
-                         f"{scores.shape}")
-    out = _blocked_sample(key, jnp.diagonal(scores), lambda idx: (scores[idx], scores[:, idx]),
-                          num_select, num_chunks, score_gain)
+    """Joint selection from a dense score matrix `scores` f[N, N] (see `joint_sample`).
+    With `return_conditionals`, also returns every chunk's c (f[num_chunks, N])."""
+    out = joint_sample(key, DenseScores(scores), num_select, num_chunks, score_gain)
     return out if return_conditionals else out[0]
 
 
@@ -143,81 +241,75 @@ def _pair_diag(e: Embeddings) -> jax.Array:
     return jax.vmap(block)(e.image, e.text)
 
 
-def _apply(criterion: criteria.Criterion, pair: Callable[[Embeddings], jax.Array],
-           learner: Embeddings, reference: Embeddings | None) -> jax.Array:
-    losses_learner = pair(learner)
+def _pair_all(e: Embeddings) -> jax.Array:
+    return losses.sigmoid_pair_losses(e.image, e.text, e.log_temperature, e.bias)
+
+
+def _apply(criterion: criteria.Bound, pair: Callable[[Embeddings], jax.Array],
+           learner: Embeddings, reference: Embeddings | None, context: Context) -> jax.Array:
+    """`criterion` on one block of pair losses of learner and reference."""
     if reference is None and criteria.needs_reference(criterion):
-        raise ValueError(f"criterion {getattr(criterion, '__name__', criterion)!r} needs "
-                         "reference embeddings, but reference is None")
+        raise ValueError(f"criterion {criterion.name!r} needs reference embeddings, but "
+                         "reference is None")
     if reference is not None and reference.image.shape[0] != learner.image.shape[0]:
         raise ValueError(f"learner and reference embed different candidates: "
                          f"{learner.image.shape[0]} vs {reference.image.shape[0]}")
-    scores = criterion(losses_learner, None if reference is None else pair(reference))
+    losses_learner = pair(learner)
+    scores = criterion(losses_learner, None if reference is None else pair(reference), context)
     if jnp.shape(scores) != losses_learner.shape:
-        raise ValueError(f"criterion {getattr(criterion, '__name__', criterion)!r} returned "
-                         f"shape {jnp.shape(scores)} for pair losses of shape "
-                         f"{losses_learner.shape}; criteria must be elementwise")
+        raise ValueError(f"criterion {criterion.name!r} returned shape {jnp.shape(scores)} "
+                         f"for pair losses of shape {losses_learner.shape}; criteria must be "
+                         "elementwise")
     return scores
 
 
 def score_matrix(learner: Embeddings, reference: Embeddings | None,
-                 criterion: str | criteria.Criterion) -> jax.Array:
+                 criterion: CriterionLike, context: Context | None = None) -> jax.Array:
     """The dense score matrix S = criterion(pair^learner, pair^reference): f[N, N]."""
-    criterion = criteria.get(criterion)
-    return _apply(criterion, lambda e: losses.sigmoid_pair_losses(*e), learner, reference)
+    chex.assert_rank([learner.image, learner.text], 2)
+    every = jnp.arange(learner.image.shape[0])
+    return _apply(criteria.bind(criterion), _pair_all, learner, reference,
+                  (context or Context()).block(every, every))
 
 
 def joint_select_from_embeddings(key: jax.Array, learner: Embeddings,
-                                 reference: Embeddings | None,
-                                 criterion: str | criteria.Criterion, num_select: int,
-                                 num_chunks: int, score_gain: float = 1.0,
-                                 return_conditionals: bool = False):
+                                 reference: Embeddings | None, criterion: CriterionLike,
+                                 num_select: int, num_chunks: int, score_gain: float = 1.0,
+                                 return_conditionals: bool = False,
+                                 context: Context | None = None):
     """`joint_select` without the N×N matrix: the same indices for the same key.
 
     `reference` may be None for criteria that need no reference. Per chunk, four
     matmuls give the learner's and reference's `m×N` rows and `N×m` columns.
     """
-    criterion = criteria.get(criterion)
-
-    def blocks(idx):
-        return (_apply(criterion, lambda e: _pair_rows(e, idx), learner, reference),
-                _apply(criterion, lambda e: _pair_cols(e, idx), learner, reference))
-
-    diag = _apply(criterion, _pair_diag, learner, reference)
-    out = _blocked_sample(key, diag, blocks, num_select, num_chunks, score_gain)
+    scores = BlockScores(learner, reference, criterion, context)
+    out = joint_sample(key, scores, num_select, num_chunks, score_gain)
     return out if return_conditionals else out[0]
 
 
 def diagonal_scores(learner: Embeddings, reference: Embeddings | None,
-                    criterion: str | criteria.Criterion) -> jax.Array:
+                    criterion: CriterionLike, context: Context | None = None) -> jax.Array:
     """`S_ii` for every candidate (its score with its own caption): f[N], O(N·D)."""
-    return _apply(criteria.get(criterion), _pair_diag, learner, reference)
+    return BlockScores(learner, reference, criterion, context).diagonal()
 
 
 def row_scores_from_embeddings(learner: Embeddings, reference: Embeddings | None,
-                               criterion: str | criteria.Criterion,
-                               block_size: int = 1024) -> jax.Array:
+                               criterion: CriterionLike, block_size: int = 1024,
+                               context: Context | None = None) -> jax.Array:
     """Per-example scores for independent selection, `S.sum(axis=1)`, in row blocks
     of `block_size` (memory O(N·block_size), never N×N)."""
-    criterion = criteria.get(criterion)
-    n = learner.image.shape[0]
-    block_size = min(block_size, n)
-    num_blocks = -(-n // block_size)
-    # Pad the last block with row 0 and drop the padding after.
-    rows = jnp.arange(num_blocks * block_size).reshape(num_blocks, block_size) % n
-    sums = jax.lax.map(
-        lambda idx: _apply(criterion, lambda e: _pair_rows(e, idx), learner, reference).sum(1),
-        rows)
-    return sums.reshape(-1)[:n]
+    return BlockScores(learner, reference, criterion, context, block_size).row_sums()
 
 
 def batch_score(learner: Embeddings, reference: Embeddings | None,
-                criterion: str | criteria.Criterion, idx: jax.Array) -> jax.Array:
+                criterion: CriterionLike, idx: jax.Array,
+                context: Context | None = None) -> jax.Array:
     """Score of the sub-batch `idx` as a batch: `Σ_{i,j ∈ idx} S_ij / len(idx)`
     (for hard_learner, exactly its SigLIP loss)."""
-    criterion = criteria.get(criterion)
+    chex.assert_rank(idx, 1)
 
     def pair(e: Embeddings) -> jax.Array:
         return losses.sigmoid_pair_losses(e.image[idx], e.text[idx], e.log_temperature, e.bias)
 
-    return _apply(criterion, pair, learner, reference).sum() / idx.shape[0]
+    block = (context or Context()).block(idx, idx)
+    return _apply(criteria.bind(criterion), pair, learner, reference, block).sum() / idx.shape[0]

@@ -6,6 +6,7 @@ One code path for every device count: a one-device CPU run uses the same
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -14,9 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jest_jax.fields import ConfigError, Section
 
 # A Cloud TPU VM shows its chips as /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later);
 # GKE also sets these variables. jax then finds the slice's workers by itself (from the
@@ -81,6 +85,70 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int]) -> Mesh:
     devices = jax.devices()
     resolved = mesh_shape(axes, shape, len(devices))
     return Mesh(np.asarray(devices).reshape(resolved), tuple(axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """`config.mesh`: named device axes and the rules that place parameters on them."""
+
+    axes: tuple[str, ...] = ("data",)
+    shape: tuple[int, ...] = (-1,)
+    rules: tuple[Any, ...] = ((".*", "replicate"),)
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.axes = ("data",)           # named mesh axes; batches are split over all of them
+        c.shape = (-1,)              # -1: all remaining devices
+        # How parameters and optimizer moments are placed: (regex, spec) pairs; the first
+        # regex that re.search-es a leaf's path ("params/img/.../kernel",
+        # "opt_state/.../mu/img/...") decides. spec: "replicate" | "fsdp" (largest dim
+        # divisible by the axis "fsdp", split over it) | "fsdp:<axis>" | a tuple
+        # PartitionSpec such as (None, "fsdp"). Unmatched: replicated. FSDP:
+        # axes=("data", "fsdp"), shape=(-1, 8), rules=((".*", "fsdp"),).
+        c.rules = ((".*", "replicate"),)
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section) -> MeshSpec:
+        axes, shape, rules = section.get("axes"), section.get("shape"), section.get("rules")
+        section.check(isinstance(axes, tuple | list) and len(axes) > 0
+                      and len(set(axes)) == len(axes)
+                      and all(isinstance(a, str) and a for a in axes), "axes", axes,
+                      "must be a non-empty list of distinct axis names (strings)")
+        section.check(isinstance(shape, tuple | list) and len(shape) == len(axes)
+                      and all(isinstance(s, int) and not isinstance(s, bool) and (s == -1 or s > 0)
+                              for s in shape)
+                      and list(shape).count(-1) <= 1, "shape", shape,
+                      f"must give one size per axis of {tuple(axes)} (positive, or -1 once for "
+                      "'the rest')")
+        section.check(isinstance(rules, tuple | list), "rules", rules,
+                      "must be a list of (regex, spec) pairs")
+        for i, rule in enumerate(rules):
+            try:
+                parse_rule(rule, axes)
+            except ValueError as e:
+                raise ConfigError(f"config.{section.field('rules')}[{i}]={rule!r} is invalid: "
+                                  f"{e}") from None
+        return cls(tuple(axes), tuple(shape), tuple(rules))
+
+    def check(self, num_devices: int) -> None:
+        """ConfigError unless the mesh fits `num_devices`."""
+        try:
+            mesh_shape(self.axes, self.shape, num_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def build(self) -> Mesh:
+        return make_mesh(self.axes, self.shape)
+
+    def shardings(self, tree: Any, mesh: Mesh) -> Any:
+        """`tree_shardings` by these rules; a rule that does not fit a leaf of `tree` is a
+        ConfigError (only the model's shapes show it, so not at validation)."""
+        try:
+            return tree_shardings(tree, mesh, self.rules)
+        except RuleError as e:
+            raise ConfigError(f"config.mesh.rules: {e}") from None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

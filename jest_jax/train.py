@@ -1,83 +1,26 @@
-"""The one training loop. Every method runs here; selection is a stage of the step."""
+"""The one training loop, and the other run modes (evaluate a checkpoint, cache the
+reference). Every method runs here; selection is a stage of the step (`jest_jax.step`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import ml_collections
 
+from jest_jax import build, faults, log, sharding
 from jest_jax import config as config_lib
-from jest_jax import faults, sharding
 from jest_jax import reference as reference_lib
 from jest_jax.checkpoint import Checkpointer
-from jest_jax.data.datasets import open_pool
-from jest_jax.data.pipeline import Preprocess, train_dataset
-from jest_jax.data.tokenizer import make_tokenizer
-from jest_jax.evaluate import Evaluator
-from jest_jax.metrics import (
-    MetricWriter,
-    Progress,
-    compiled_flops,
-    log,
-    read_metrics,
-    write_atomically,
-)
-from jest_jax.trainer import Trainer
+from jest_jax.data import sources
+from jest_jax.data.pipeline import train_dataset
+from jest_jax.files import write_atomically, write_json
+from jest_jax.metrics import MetricWriter, compiled_flops, read_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/Inf; the message names the step, the first non-finite
     quantity and the last good checkpoint."""
-
-
-@dataclasses.dataclass
-class Setup:
-    """What both training and standalone evaluation need, built from one config."""
-
-    trainer: Trainer
-    preprocess: Preprocess
-    evaluator: Evaluator
-    checkpointer: Checkpointer
-    reference: Any = dataclasses.field(default_factory=dict)  # the train step's `reference`
-    attach: Callable[[int], dict] | None = None  # per-example extras (reference cache)
-
-
-def setup(config: ml_collections.ConfigDict, workdir: str, selection: bool = True) -> Setup:
-    """Validate, build mesh/model/optimizer, open every eval split and (with `selection`)
-    load the reference, all before compiling."""
-    config_lib.validate(config, num_devices=jax.device_count())
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len,
-                            config.data.max_caption_bytes)
-    try:
-        trainer = Trainer(config, mesh, tokenizer.vocab_size)
-    except sharding.RuleError as e:  # only the model's shapes show it: not in validate()
-        raise config_lib.ConfigError(f"config.mesh.rules: {e}") from None
-    evaluator = Evaluator(config, trainer, preprocess)
-    reference, attach = {}, None
-    if selection:  # before the checkpointer: a bad reference must not create the workdir
-        trainer.scorer, reference, attach = reference_lib.make_scorer(config, trainer)
-    faults.check_writable(workdir)  # before anything is trained, not at the first save
-    # Only training (set up with selection) owns the workdir's checkpoints; eval only reads.
-    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep, owner=selection)
-    return Setup(trainer, preprocess, evaluator, checkpointer, reference, attach)
-
-
-def _nonfinite_error(step: int, code: int, metrics: dict[str, float], last_good: int | None,
-                     ckpt_dir: str) -> NonFiniteLossError:
-    first = faults.nonfinite_quantities(code)[0]
-    kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}"
-            if last_good is not None else "no checkpoint was written")
-    return NonFiniteLossError(
-        f"non-finite {first} at step {step} (loss={metrics['loss']}, grad_norm="
-        f"{metrics['grad_norm']}); stopping: {kept}. config.faults.nonfinite='skip' would "
-        "skip such steps instead")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -93,151 +36,193 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         return _train(config, workdir, stop_at_step, preemption)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,
-           preemption: faults.Preemption) -> dict[str, float]:
-    s = setup(config, workdir)
-    trainer, ckpt, mesh = s.trainer, s.checkpointer, s.trainer.mesh
-    source, _ = open_pool(config, "data.train")
+def train_data(run: build.Run):
+    """The training pipeline of `run`: (super-)batches of this process's share."""
+    spec, scorer = run.spec, run.wired.scorer
     # With selection, the pipeline delivers super-batches of N candidates.
-    draw = trainer.scorer.spec.num_candidates if trainer.scorer else config.batch_size
+    draw = scorer.spec.num_candidates if scorer else spec.batch_size
+    pool = sources.open_source(spec.data.train, "data.train")
     try:
-        data = train_dataset(source, s.preprocess, batch_size=draw, attach=s.attach,
-                             seed=config.seed, process_index=jax.process_index(),
+        return train_dataset(pool, run.preprocess, batch_size=draw,
+                             attach=run.wired.reference.attach, seed=spec.seed,
+                             process_index=jax.process_index(),
                              process_count=jax.process_count(),
-                             num_threads=config.data.num_threads,
-                             bad_records=config.faults.bad_records)
+                             num_threads=spec.data.num_threads,
+                             bad_records=spec.faults.bad_records)
     except ValueError as e:
         why = (f" (with selection each step draws a super-batch of N = batch_size / "
-               f"(1 - selection.filter_ratio) = {draw})" if trainer.scorer else "")
+               f"(1 - selection.filter_ratio) = {draw})" if scorer else "")
         raise config_lib.ConfigError(f"config.data.train: {e}{why}") from None
-    data_iter = iter(data)
-    os.makedirs(workdir, exist_ok=True)
 
-    # Run totals that must survive restarts; saved in each checkpoint.
-    counters = {"skipped_steps": 0, "bad_records": 0}
-    restored = ckpt.restore_latest_good(trainer.abstract_sharded_state(), data_iter)
-    if restored is not None:
-        last_good, state, saved = restored
-        counters.update(saved)
-        log(f"resuming from the checkpoint at step {last_good} in {ckpt.directory}")
-    else:
-        last_good, state = None, trainer.init_state(config.seed)
-    start = int(state["step"])
-    # Only once the checkpoints accepted this config: a config that cannot resume them
-    # must not overwrite the one they were trained with (learners read it as a reference).
-    if jax.process_index() == 0:
-        write_atomically(os.path.join(workdir, "config.json"),
-                          config.to_json_best_effort(indent=2))
-    writer = MetricWriter(workdir, config.logging.tensorboard)
-    writer.truncate_after(start)  # drop rows a crashed run logged after its last checkpoint
 
-    def next_batch() -> tuple[dict, jax.Array]:
+class _Training:
+    """A run training in its workdir: what the loop keeps between steps, and reports."""
+
+    def __init__(self, run: build.Run, workdir: str, checkpointer: Checkpointer):
+        self.run, self.workdir, self.ckpt = run, workdir, checkpointer
+        self.spec = run.spec
+        self.data = iter(train_data(run))
+        os.makedirs(workdir, exist_ok=True)
+        # Run totals that must survive restarts; saved in each checkpoint.
+        self.counters = {"skipped_steps": 0, "bad_records": 0}
+        restored = checkpointer.restore_latest_good(run.state.abstract_sharded(), self.data)
+        if restored is not None:
+            self.last_good, self.state, saved = restored
+            self.counters.update(saved)
+            log.info(f"resuming from the checkpoint at step {self.last_good} in "
+                     f"{checkpointer.directory}")
+        else:
+            self.last_good, self.state = None, run.state.init(self.spec.seed)
+        self.start = int(self.state["step"])
+        # Only once the checkpoints accepted this config: a config that cannot resume them
+        # must not overwrite the one they were trained with (learners read it as a reference).
+        if jax.process_index() == 0:
+            write_atomically(os.path.join(workdir, "config.json"),
+                             self.spec.config.to_json_best_effort(indent=2))
+        self.writer = MetricWriter(workdir, self.spec.logging.tensorboard)
+        self.writer.truncate_after(self.start)  # rows a crashed run logged after its checkpoint
+        self.progress = log.Progress(self.spec.total_steps, self.start)
+        self.flops_per_step = float("nan")
+
+    def next_batch(self) -> tuple[dict, jax.Array]:
         """The next global batch, and how many bad records were passed over to fill it."""
-        batch = sharding.to_global(next(data_iter), mesh)
+        batch = sharding.to_global(next(self.data), self.run.mesh)
         return batch, batch.pop("bad_records")
 
-    step_fn = trainer.jit_train_step(sharding.placed(s.reference, mesh))
-    batch, bad = next_batch() if start < config.total_steps else (None, None)
-    # XLA reports the per-device program; the run executes it on every device.
-    flops_per_step = (compiled_flops(step_fn.lower(state, batch, s.reference).compile()) * mesh.size
-                      if batch is not None else float("nan"))
-    progress = Progress(config.total_steps, start)
-    results: dict[str, float] = {}
-    pending: tuple[int, dict, jax.Array] | None = None
+    def compile(self, batch: dict) -> None:
+        """Compile the step for `batch` and read its FLOPs (one device's program, run on
+        every device of the mesh)."""
+        step = self.run.wired.step
+        compiled = step.lower(self.state, batch, self.run.wired.reference.step_input).compile()
+        self.flops_per_step = compiled_flops(compiled) * self.run.mesh.size
 
-    def report(step: int, metrics: dict, bad: jax.Array) -> None:
+    def report(self, step: int, metrics: dict, health: faults.Health, bad: jax.Array) -> None:
+        """Check a step's health and log its metrics (fetched a step late)."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        code = int(host.pop(faults.NONFINITE))
-        counters["bad_records"] += int(bad.sum())
-        if code:
-            if config.faults.nonfinite == "stop":
-                raise _nonfinite_error(step, code, host, last_good, ckpt.directory)
-            counters["skipped_steps"] += 1
-            log(f"warning: non-finite {', '.join(faults.nonfinite_quantities(code))} at step "
-                f"{step}: update skipped ({counters['skipped_steps']} skipped in this run)")
-        if step % config.logging.every_steps == 0 or step == config.total_steps:
+        failed = jax.device_get(health).failed()
+        self.counters["bad_records"] += int(bad.sum())
+        if failed:
+            if self.spec.faults.nonfinite == "stop":
+                kept = (f"the last good checkpoint (step {self.last_good}) is kept in "
+                        f"{self.ckpt.directory}" if self.last_good is not None
+                        else "no checkpoint was written")
+                raise NonFiniteLossError(
+                    f"non-finite {failed[0]} at step {step} (loss={host['loss']}, grad_norm="
+                    f"{host['grad_norm']}); stopping: {kept}. config.faults.nonfinite='skip' "
+                    "would skip such steps instead")
+            self.counters["skipped_steps"] += 1
+            log.warning(f"non-finite {', '.join(failed)} at step {step}: update skipped "
+                        f"({self.counters['skipped_steps']} skipped in this run)")
+        if step % self.spec.logging.every_steps == 0 or step == self.spec.total_steps:
             shown = {"loss": host["loss"]}
             if "selection/clean_selected" in host:
                 shown["clean"] = host["selection/clean_selected"]
-            progress.update(step, shown)
-            writer.write(step, {**host, "steps_per_sec": progress.steps_per_sec,
-                                "flops": flops_per_step * step,
-                                "faults/skipped_steps": counters["skipped_steps"],
-                                "data/bad_records": counters["bad_records"]})
+            self.progress.update(step, shown)
+            self.writer.write(step, {**host, "steps_per_sec": self.progress.steps_per_sec,
+                                     "flops": self.flops_per_step * step,
+                                     "faults/skipped_steps": self.counters["skipped_steps"],
+                                     "data/bad_records": self.counters["bad_records"]})
 
-    def evaluate(step: int) -> dict[str, float]:
-        out = s.evaluator.run(state["params"])
-        writer.write(step, out)
-        log(f"[{step:>6}/{config.total_steps}] eval " +
-            " ".join(f"{k}={v:.3f}" for k, v in out.items()))
-        progress.restart_clock(step)
+    def evaluate(self, step: int) -> dict[str, float]:
+        out = self.run.evaluator.run(self.state["params"], step)
+        self.writer.write(step, out)
+        log.info(f"[{step:>6}/{self.spec.total_steps}] eval " +
+                 " ".join(f"{k}={v:.3f}" for k, v in out.items()))
+        self.progress.restart_clock(step)
         return out
 
-    def eval_due(step: int) -> bool:
-        return bool(config.evals.every_steps and step % config.evals.every_steps == 0)
+    def owes_evaluation(self) -> bool:
+        """A preemption stops before the evaluation of its step, and a kill can land in
+        one: the resume step's evaluation is owed, so the log matches an uninterrupted
+        run's."""
+        return (0 < self.start < self.spec.total_steps and self.spec.evals.due(self.start)
+                and not any(r["step"] == self.start and "loss" not in r
+                            for r in read_metrics(self.workdir)))
 
-    preemption.sync_point = ckpt.reached_preemption
+    def save(self, step: int) -> None:
+        # Saved before the next batch is drawn, so a resume redraws it.
+        self.ckpt.save(step, self.state, self.data, dict(self.counters))
+        self.last_good = step
+        self.progress.restart_clock(step)
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.writer.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,
+           preemption: faults.Preemption) -> dict[str, float]:
+    run = build.build(config)  # before the checkpointer: a bad reference must not create it
+    faults.check_writable(workdir)  # before anything is trained, not at the first save
+    t = _Training(run, workdir, Checkpointer(workdir, run.spec.checkpoint.max_to_keep,
+                                             owner=True))
+    total, step_fn, ref = run.spec.total_steps, run.wired.step, run.wired.reference.step_input
+    results: dict[str, float] = {}
+    pending: tuple[int, dict, faults.Health, jax.Array] | None = None
+    batch, bad = None, None
     try:
-        if 0 < start < config.total_steps and eval_due(start) and not any(
-                r["step"] == start and "loss" not in r for r in read_metrics(workdir)):
-            # A preemption stops before the evaluation of its step, and a kill can land in
-            # one: the step's evaluation is owed, so the log matches an uninterrupted run's.
-            evaluate(start)
-        for step in range(start + 1, config.total_steps + 1):
-            state, metrics = step_fn(state, batch, s.reference)
+        if t.start < total:
+            batch, bad = t.next_batch()
+            t.compile(batch)
+        if t.owes_evaluation():
+            t.evaluate(t.start)
+        for step in range(t.start + 1, total + 1):
+            t.state, metrics, health = step_fn(t.state, batch, ref)
             if pending is not None:  # fetched a step late: the device is already busy
-                report(*pending)
-            pending = (step, metrics, bad)
-            final, stopping = step == config.total_steps, step == stop_at_step
-            preempted = preemption.reached(step)
-            if step % config.checkpoint.every_steps == 0 or final or stopping or preempted:
-                report(*pending)  # never checkpoint a step that was not checked
+                t.report(*pending)
+            pending = (step, metrics, health, bad)
+            final, stopping = step == total, step == stop_at_step
+            preempted = preemption.reached(step, t.ckpt.reached_preemption)
+            if run.spec.checkpoint.due(step) or final or stopping or preempted:
+                t.report(*pending)  # never checkpoint a step that was not checked
                 pending = None
-                # Saved before the next batch is drawn, so a resume redraws it.
-                ckpt.save(step, state, data_iter, dict(counters))
-                last_good = step
-                progress.restart_clock(step)
+                t.save(step)
             if preempted and not final:
-                log(f"preempted: stopped after step {step} and wrote its checkpoint in "
-                    f"{ckpt.directory}; re-run the same command to resume")
+                log.info(f"preempted: stopped after step {step} and wrote its checkpoint in "
+                         f"{t.ckpt.directory}; re-run the same command to resume")
                 break
-            if eval_due(step) or final:
-                results = evaluate(step)
+            if run.spec.evals.due(step) or final:
+                results = t.evaluate(step)
             if stopping and not final:
-                log(f"stopping at step {step} (stop_at_step); re-run to resume")
+                log.info(f"stopping at step {step} (stop_at_step); re-run to resume")
                 break
             if not final:
-                batch, bad = next_batch()
-        if start >= config.total_steps:
-            log(f"already trained to step {start}; evaluating the final checkpoint")
-            results = s.evaluator.run(state["params"])
+                batch, bad = t.next_batch()
+        if t.start >= total:
+            log.info(f"already trained to step {t.start}; evaluating the final checkpoint")
+            results = run.evaluator.run(t.state["params"], t.start)
     finally:
-        ckpt.close()
-        writer.close()
+        t.close()
     if results and jax.process_index() == 0:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump({"step": int(state["step"]), **results}, f, indent=2)
+        write_json(os.path.join(workdir, "final_metrics.json"),
+                   {"step": int(t.state["step"]), **results})
     return results
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, float]:
-    """Standalone evaluation of a checkpoint in `workdir` (latest unless `step` is given)."""
-    s = setup(config, workdir, selection=False)
-    step = s.checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {s.checkpointer.directory}")
-    state = s.checkpointer.restore(s.trainer.abstract_sharded_state(), step=step)
-    s.checkpointer.close()
-    results = s.evaluator.run(state["params"])
+    """Standalone evaluation of a checkpoint in `workdir` (latest unless `step` is given).
+
+    Only the params are restored: no optimizer state is built or read.
+    """
+    run = build.build(config, selection=False)
+    faults.check_writable(workdir)  # the results are written there
+    checkpointer = Checkpointer(workdir)  # read-only: eval never moves or removes anything
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to evaluate in {checkpointer.directory}")
+        params = checkpointer.restore_params(run.state.abstract_params(), step)
+    finally:
+        checkpointer.close()
+    results = run.evaluator.run(params)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=2)
+        write_json(os.path.join(workdir, f"eval_step{step}.json"), {"step": step, **results})
     return results
 
 
 def cache_reference(config: ml_collections.ConfigDict) -> str:
     """`--mode cache`: reference embeddings of `data.train` into `selection.reference.cache_dir`."""
-    config_lib.validate(config, num_devices=jax.device_count())
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-    return reference_lib.write_cache(config, mesh)
+    spec = config_lib.validate(config, num_devices=jax.device_count())
+    return reference_lib.write_cache(spec.reference, spec.data, spec.mesh.build(), spec.mesh,
+                                     spec.evals.batch_size)

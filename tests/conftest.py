@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
-from configs import smoke
+from jest_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = ""):
+    """The experiment config `configs/<name>` (with `arg`), loaded by path as --config does."""
+    return config_lib.load(os.path.join(ROOT, "configs", name) + (f":{arg}" if arg else ""))
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +30,7 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_config(data_dir):
     """The smoke config pointed at the test data dir, shortened for tests."""
-    config = smoke.get_config("steps=20")
+    config = load_config("smoke.py", "steps=20")
     config.data.train.data_dir = data_dir
     config.evals.zero_shot.data.data_dir = data_dir
     config.evals.retrieval.data.data_dir = data_dir
@@ -37,7 +47,7 @@ def reference_workdir(data_dir, tmp_path_factory) -> str:
     """A short SigLIP reference run on the tiny curated pool, shared by the JEST tests."""
     from jest_jax import train
 
-    config = smoke.get_config("steps=10")
+    config = load_config("smoke.py", "steps=10")
     for pool in (config.data.train, config.evals.zero_shot.data, config.evals.retrieval.data):
         pool.data_dir = data_dir
     config.batch_size = 32
@@ -59,3 +69,30 @@ def jest_config(tiny_config, reference_workdir):
     config.selection.reference.workdir = reference_workdir
     config.logging.tensorboard = False
     return config
+
+
+def train_state(config, workdir, step: int) -> dict:
+    """The whole train state (params, optimizer state, step) saved at `step` in `workdir`,
+    as NumPy arrays."""
+    import jax
+    import numpy as np
+
+    from jest_jax import build
+    from jest_jax.checkpoint import Checkpointer
+
+    run = build.build(config, selection=False)
+    checkpointer = Checkpointer(str(workdir))
+    try:
+        state = checkpointer.restore(run.state.abstract_sharded(), step=step)
+    finally:
+        checkpointer.close()
+    return jax.tree.map(np.asarray, state)
+
+
+def doc_criteria(tmp_path) -> str:
+    """Every code block of docs/selection.md, as the module `my_criteria` in `tmp_path`
+    (returned: the directory to import it from)."""
+    with open(os.path.join(ROOT, "docs", "selection.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    (tmp_path / "my_criteria.py").write_text("\n".join(blocks))
+    return str(tmp_path)

@@ -5,31 +5,32 @@ from __future__ import annotations
 import ml_collections
 import pytest
 
-from configs import common, shapes, smoke
+from conftest import load_config
+from jest_jax import config as config_lib
 from jest_jax.config import ConfigError, validate
 
 
 def test_parse_arg_types_from_defaults():
-    arg = common.parse_arg("steps=7,stage=learner,runlocal=true", steps=1, stage="x",
+    arg = config_lib.parse_arg("steps=7,stage=learner,runlocal=true", steps=1, stage="x",
                            runlocal=False)
     assert (arg.steps, arg.stage, arg.runlocal) == (7, "learner", True)
     with pytest.raises(ValueError, match="unknown config argument 'stpes'"):
-        common.parse_arg("stpes=3", steps=1)
+        config_lib.parse_arg("stpes=3", steps=1)
     with pytest.raises(ValueError, match="not of the form key=value"):
-        common.parse_arg("steps", steps=1)
+        config_lib.parse_arg("steps", steps=1)
 
 
 @pytest.mark.parametrize("arg", ["stage=reference", "stage=learner", "stage=learner,runlocal=1"])
 def test_shipped_configs_are_valid(arg):
-    validate(shapes.get_config(arg), num_devices=1)
-    validate(smoke.get_config(), num_devices=1)
+    validate(load_config("shapes.py", arg), num_devices=1)
+    validate(load_config("smoke.py"), num_devices=1)
 
 
 def test_shapes_stage_selects_pool():
-    assert shapes.get_config("stage=reference").data.train.split == "curated"
-    assert shapes.get_config("stage=learner").data.train.split == "raw"
+    assert load_config("shapes.py", "stage=reference").data.train.split == "curated"
+    assert load_config("shapes.py", "stage=learner").data.train.split == "raw"
     with pytest.raises(ValueError, match="stage='teacher'"):
-        shapes.get_config("stage=teacher")
+        load_config("shapes.py", "stage=teacher")
 
 
 INVALID = [
@@ -74,7 +75,7 @@ def _smoke_with(field: str, value, **more):
     """The smoke config with dotted `field` set to `value` (and `more`, "__" for "."),
     whatever the type: rebuilt from a dict, past ConfigDict's own type checks, as a
     config from JSON or a user's file would be."""
-    tree = smoke.get_config().to_dict()
+    tree = load_config("smoke.py").to_dict()
     for name, v in {field: value, **{k.replace("__", "."): v for k, v in more.items()}}.items():
         *parents, leaf = name.split(".")
         node = tree
@@ -91,7 +92,7 @@ def test_invalid_config_fails_with_its_message(field, value, message):
 
 
 def test_unknown_top_level_field_is_named():
-    config = smoke.get_config()
+    config = load_config("smoke.py")
     config.unlock()
     config.batchsize = 64
     with pytest.raises(ConfigError, match="config.batchsize is not a known field"):
@@ -181,11 +182,11 @@ def test_more_invalid_messages_are_distinct():
 
 
 def test_every_default_field_is_known_and_valid():
-    validate(ml_collections.ConfigDict(common.get_base_config().to_dict()), num_devices=1)
+    validate(ml_collections.ConfigDict(config_lib.defaults().to_dict()), num_devices=1)
 
 
 def _joint(**selection):
-    config = smoke.get_config()
+    config = load_config("smoke.py")
     config.selection.update({"method": "joint", "filter_ratio": 0.8, **selection})
     return config
 

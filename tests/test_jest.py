@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -12,46 +11,44 @@ import jax
 import numpy as np
 import pytest
 
-from jest_jax import reference, sharding, train
+from conftest import doc_criteria, train_state
+from jest_jax import build, sharding, train
 from jest_jax.config import ConfigError
-from jest_jax.data.datasets import open_pool
-from jest_jax.data.pipeline import train_dataset
 from jest_jax.metrics import read_metrics
+from jest_jax.reference import NoReference, OnlineReference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _first_super_batch(config, s):
-    source, _ = open_pool(config, "data.train")
-    data = train_dataset(source, s.preprocess, batch_size=s.trainer.scorer.spec.num_candidates,
-                         seed=config.seed, attach=s.attach, num_threads=0)
-    return sharding.to_global(next(iter(data)), s.trainer.mesh)
+def _first_super_batch(run):
+    return sharding.to_global(next(iter(train.train_data(run))), run.mesh)
 
 
 def test_cached_and_online_reference_select_the_same(jest_config, tmp_path):
-    online = train.setup(jest_config, str(tmp_path / "online"))
+    online = build.build(jest_config)
     cached_config = jest_config.copy_and_resolve_references()
     cached_config.selection.reference.cache_dir = str(tmp_path / "cache")
     train.cache_reference(cached_config)
-    cached = train.setup(cached_config, str(tmp_path / "cached"))
-    assert cached.attach is not None and online.attach is None
+    cached = build.build(cached_config)
+    assert cached.wired.reference.attach is not None
+    assert isinstance(online.wired.reference, OnlineReference)
 
-    batch_online = _first_super_batch(jest_config, online)
-    batch_cached = _first_super_batch(cached_config, cached)
+    batch_online = _first_super_batch(online)
+    batch_cached = _first_super_batch(cached)
     np.testing.assert_array_equal(batch_online["index"], batch_cached["index"])
     # The cache holds exactly what the online reference computes for these examples.
-    ref = reference.load(jest_config, online.trainer.mesh)
-    emb = ref.trainer.embeddings(ref.params, batch_online)
+    ref = online.wired.reference
+    emb = ref.embed(ref.params, batch_online)
     np.testing.assert_allclose(batch_cached["ref_image"], emb.image, atol=2e-6)
     np.testing.assert_allclose(batch_cached["ref_text"], emb.text, atol=2e-6)
 
-    params = online.trainer.init_state(0)["params"]
+    params = online.state.init(0)["params"]
     for seed in range(3):
         key = jax.random.key(seed)
-        idx_online, m_online = jax.jit(online.trainer.scorer)(key, params, online.reference,
-                                                              batch_online)
-        idx_cached, m_cached = jax.jit(cached.trainer.scorer)(key, params, cached.reference,
-                                                              batch_cached)
+        idx_online, m_online, _ = jax.jit(online.wired.scorer)(
+            key, params, online.wired.reference.step_input, batch_online)
+        idx_cached, m_cached, _ = jax.jit(cached.wired.scorer)(
+            key, params, cached.wired.reference.step_input, batch_cached)
         np.testing.assert_array_equal(idx_online, idx_cached)
         np.testing.assert_allclose(m_online["selection/score_selected"],
                                    m_cached["selection/score_selected"], rtol=1e-5)
@@ -95,19 +92,30 @@ def test_resumed_jest_run_selects_as_the_straight_run(jest_config, tmp_path):
 def test_cache_errors_name_the_problem(jest_config, tmp_path):
     jest_config.selection.reference.cache_dir = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="holds no reference cache.*--mode cache"):
-        train.setup(jest_config, str(tmp_path / "run"))
+        build.build(jest_config)
     jest_config.selection.reference.cache_dir = str(tmp_path / "cache")
     train.cache_reference(jest_config)
     other = jest_config.copy_and_resolve_references()
     other.data.train.split = "curated"
     with pytest.raises(ConfigError, match="was made for .*raw.* but this run trains on"):
-        train.setup(other, str(tmp_path / "run"))
+        build.build(other)
 
 
-def test_reference_with_other_preprocessing_is_refused(jest_config, tmp_path):
+def test_reference_with_other_preprocessing_is_refused(jest_config):
     jest_config.data.image_size = 32
     with pytest.raises(ConfigError, match=r"reference was trained with data.image_size=16"):
-        train.setup(jest_config, str(tmp_path / "run"))
+        build.build(jest_config)
+
+
+def test_reference_run_restores_params_only(jest_config, reference_workdir):
+    """The online reference is the run's params, bitwise, and holds no optimizer state."""
+    run = build.build(jest_config)
+    ref = run.wired.reference
+    assert isinstance(ref, OnlineReference) and set(ref.params) == set(run.state.abstract[
+        "params"])
+    saved = train_state(jest_config, reference_workdir, ref.step)
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(saved["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
@@ -152,12 +160,10 @@ def test_every_method_trains_and_logs_diagnostics(jest_config, tmp_path, method,
 
 def _doc_example(tmp_path) -> str:
     """The criterion module of docs/selection.md, written where Python can import it."""
-    with open(os.path.join(ROOT, "docs", "selection.md")) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
-    module = blocks[0] + "\n" + blocks[1]  # the example module, then the no-reference one
+    path = doc_criteria(tmp_path)
+    module = (tmp_path / "my_criteria.py").read_text()
     assert "def capped_learnability" in module and "needs_reference = False" in module
-    (tmp_path / "my_criteria.py").write_text(module)
-    return str(tmp_path)
+    return path
 
 
 @pytest.mark.slow
@@ -186,6 +192,6 @@ def test_user_criterion_without_reference_loads_none(jest_config, tmp_path, monk
     monkeypatch.syspath_prepend(_doc_example(tmp_path))
     jest_config.selection.criterion = "my_criteria:low_learner_loss"
     jest_config.selection.reference.workdir = ""  # not needed, so not required
-    s = train.setup(jest_config, str(tmp_path / "run"))
-    assert s.trainer.scorer is not None and not s.trainer.scorer.spec.needs_reference
-    assert s.reference == {}
+    run = build.build(jest_config)
+    assert run.wired.scorer is not None and not run.wired.scorer.spec.needs_reference
+    assert isinstance(run.wired.reference, NoReference)

@@ -1,5 +1,6 @@
 """Loss functions against an independent NumPy float64 reference."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +119,42 @@ def test_extreme_logits_are_stable():
     pair = losses.sigmoid_pair_losses(img, -img, jnp.float32(10.0), jnp.float32(0.0))
     assert bool(jnp.all(jnp.isfinite(pair)))
     np.testing.assert_allclose(jnp.diagonal(pair), np.exp(10.0), rtol=1e-5)
+
+
+class LossKernelVariants(chex.TestCase):
+    """The loss kernels give the float64 reference's numbers jitted and not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pair_losses_block_matches_numpy(self):
+        img, txt, t, b = _case(12, 8, seed=3)
+        rows, cols = np.array([0, 5, 7]), np.arange(12)
+        block = self.variant(losses.pair_losses_block)
+        got = block(*_f32(img[rows], txt, t, b), losses.positive_mask(jnp.asarray(rows),
+                                                                      jnp.asarray(cols)))
+        np.testing.assert_allclose(got, _pair_losses_np(img, txt, t, b)[rows], rtol=1e-5,
+                                   atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_batch_losses_match_numpy(self):
+        img, txt, t, b = _case(16, 8, seed=4)
+        e = losses.Embeddings(*_f32(img, txt, t, b))
+        sigmoid = self.variant(lambda e: losses.Loss("sigmoid")(e, None))
+        softmax = self.variant(lambda e: losses.Loss("softmax")(e, None))
+        np.testing.assert_allclose(sigmoid(e), _pair_losses_np(img, txt, t, b).sum() / 16,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(softmax(e), _softmax_loss_np(img, txt, t), rtol=1e-5)
+
+
+def test_kernel_boundaries_check_shapes_and_dtypes():
+    """chex assertions at the loss kernels' boundary name the mismatch, jitted or not."""
+    img, txt, t, b = _f32(*_case(4, 8, seed=5))
+    with pytest.raises(AssertionError, match="rank"):
+        losses.pair_losses_block(img[0], txt, t, b, jnp.ones((4, 4), bool))
+    with pytest.raises(AssertionError):
+        losses.pair_losses_block(img, txt[:, :4], t, b, jnp.ones((4, 4), bool))
+    with pytest.raises(AssertionError):
+        losses.pair_losses_block(img, txt, t, b, jnp.ones((4, 3), bool))
+    with pytest.raises(AssertionError):
+        jax.jit(losses.pair_losses_block)(img, txt, t, b, jnp.ones((4, 4), jnp.float32))
+    with pytest.raises(AssertionError):
+        losses.sigmoid_pair_losses(img, txt[:3], t, b)

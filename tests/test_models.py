@@ -212,7 +212,7 @@ def test_vit_gap_pooling_option():
               rngs=nnx.Rngs(0))
     assert vit.map_head is None
     assert vit(jnp.zeros((2, 16, 16, 3))).shape == (2, 8)
-    with pytest.raises(ValueError, match="pool must be 'map' or 'gap'"):
+    with pytest.raises(ValueError, match=r"pool must be one of \['gap', 'map'\]"):
         ViT(image_size=16, patch_size=4, variant="tiny", out_dim=8, pool="cls",
             rngs=nnx.Rngs(0))
 

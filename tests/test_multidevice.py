@@ -14,11 +14,10 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, sys
-from configs import smoke
-from jest_jax import train
+from jest_jax import config as config_lib, train
 from jest_jax.metrics import read_metrics
 data_dir, workdir, method = sys.argv[1], sys.argv[2], sys.argv[3]
-c = smoke.get_config("steps=6")
+c = config_lib.load("configs/smoke.py:steps=6")
 for pool in (c.data.train, c.evals.zero_shot.data, c.evals.retrieval.data):
     pool.data_dir = data_dir
 c.batch_size, c.evals.batch_size, c.logging.every_steps = 32, 32, 1
@@ -38,7 +37,7 @@ def _run(devices: int, data_dir: str, workdir: str, method: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, workdir, method], env=env,
-                         capture_output=True, text=True, timeout=600,
+                         capture_output=True, text=True, timeout=1800,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))

@@ -7,21 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import smoke
-from jest_jax import sharding
-from jest_jax.trainer import Trainer, decay_mask, make_optimizer
+from conftest import load_config
+from jest_jax import config as config_lib
+from jest_jax.models import Model
+from jest_jax.optimizer import decay_mask
 
 
-def _config(total=100, warmup=0.1, lr=2e-3, wd=1e-4):
-    c = smoke.get_config()
+def _spec(total=100, warmup=0.1, lr=2e-3, wd=1e-4):
+    c = load_config("smoke.py")
     c.total_steps, c.optimizer.warmup_fraction = total, warmup
     c.optimizer.learning_rate, c.optimizer.weight_decay = lr, wd
-    return c
+    return config_lib.validate(c)
 
 
 def test_schedule_is_linear_warmup_then_cosine_to_zero():
-    c = _config()
-    _, schedule = make_optimizer(c)
+    schedule = _spec().optimizer.schedule
     peak, warm, total = 2e-3, 10, 100
     for t in (0, 3, 10, 37, 99, 100):
         if t < warm:
@@ -33,8 +33,7 @@ def test_schedule_is_linear_warmup_then_cosine_to_zero():
 
 
 def test_decay_mask_selects_projection_kernels_only():
-    trainer = Trainer(_config(), sharding.make_mesh(("data",), (-1,)), vocab_size=258)
-    params = trainer.abstract_state["params"]
+    params = Model(_spec().model, vocab_size=258).abstract_params()
     mask = decay_mask(params)
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat["['image']['patch_kernel']"] and flat["['text']['head']['kernel']"]
@@ -44,8 +43,8 @@ def test_decay_mask_selects_projection_kernels_only():
 
 
 def test_weight_decay_is_scaled_by_schedule_not_learning_rate():
-    c = _config(warmup=0.0, lr=1e-3, wd=0.05)
-    tx, schedule = make_optimizer(c)
+    optimizer = _spec(warmup=0.0, lr=1e-3, wd=0.05).optimizer
+    tx, schedule = optimizer.tx, optimizer.schedule
     params = {"a": {"kernel": jnp.full((2, 2), 3.0)}, "b": {"bias": jnp.full((2,), 3.0)}}
     zeros = jax.tree.map(jnp.zeros_like, params)
     state = tx.init(params)

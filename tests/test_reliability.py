@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jest_jax import faults, sharding, train
+from conftest import train_state
+from jest_jax import build, faults, train
+from jest_jax import step as step_lib
 from jest_jax.checkpoint import CheckpointError
 from jest_jax.metrics import read_metrics
-from jest_jax.trainer import Trainer
 
 # A restore that fails on a damaged checkpoint abandons orbax's pending per-array reads; they
 # are reported when garbage-collected, often during a later test. Expected, not a leak of
@@ -63,17 +64,22 @@ def _short(config, steps: int = TOTAL, evals: bool = False):
     return config
 
 
-def _child(config, workdir, tmp_path, env: dict | None = None) -> subprocess.Popen:
+def _child(config, workdir, tmp_path, kill_in_save: int | None = None) -> subprocess.Popen:
+    """The CLI on `config`; with `kill_in_save`, SIGKILLed while writing that step's
+    checkpoint (tests/kill_in_save.py)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
            # Resumed children run the same programs: reuse their compilation.
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     config_file = tmp_path / "child_config.py"
     config_file.write_text(CONFIG_FILE.format(config.to_json()))
-    proc = subprocess.Popen([sys.executable, "-m", "jest_jax.main", "--config", str(config_file),
+    launcher = (["-m", "jest_jax.main"] if kill_in_save is None
+                else [os.path.join(ROOT, "tests", "kill_in_save.py"), str(kill_in_save)])
+    proc = subprocess.Popen([sys.executable, *launcher, "--config", str(config_file),
                              "--workdir", str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    threading.Timer(300, proc.kill).start()  # a hung child fails the test, never hangs it
+    # A hung child fails the test, never hangs it; generous, so load never trips it.
+    threading.Timer(1200, proc.kill).start()
     return proc
 
 
@@ -110,15 +116,6 @@ def _steps(workdir) -> list[int]:
     return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
-def _state(config, workdir, step: int) -> dict:
-    s = train.setup(config, str(workdir), selection=False)
-    try:
-        state = s.checkpointer.restore(s.trainer.abstract_sharded_state(), step=step)
-    finally:
-        s.checkpointer.close()
-    return jax.tree.map(np.asarray, state)
-
-
 def _assert_bitwise(a: dict, b: dict) -> None:
     flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
     flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
@@ -140,7 +137,7 @@ def _rows(workdir) -> list[dict]:
 
 def _straight(config, workdir) -> tuple[dict, list[dict]]:
     train.train(config, str(workdir))
-    return _state(config, workdir, config.total_steps), _rows(workdir)
+    return train_state(config, workdir, config.total_steps), _rows(workdir)
 
 
 @pytest.mark.slow
@@ -158,9 +155,9 @@ def test_uniform_run_killed_and_preempted_resumes_bitwise(tiny_config, tmp_path,
     resumed = max(_steps(work), default=0)
     assert resumed < TOTAL
 
-    # 2. kill -9 while the checkpoint of step k2 is being written (test hook).
+    # 2. kill -9 while the checkpoint of step k2 is being written (tests/kill_in_save.py).
     k2 = resumed + 2 * int(rng.integers(1, 3))
-    proc = _child(config, work, tmp_path, {faults.KILL_IN_SAVE_ENV: str(k2)})
+    proc = _child(config, work, tmp_path, kill_in_save=k2)
     out = _finish(proc)
     assert proc.returncode == -signal.SIGKILL, out[-2000:]
     _assert_resumed_from(out, resumed)
@@ -186,7 +183,7 @@ def test_uniform_run_killed_and_preempted_resumes_bitwise(tiny_config, tmp_path,
     capsys.readouterr()
     train.train(config, str(work))
     _assert_resumed_from(capsys.readouterr().out, stopped)
-    _assert_bitwise(_state(config, work, TOTAL), expected_state)
+    _assert_bitwise(train_state(config, work, TOTAL), expected_state)
     assert _rows(work) == expected_rows
     assert _steps(work) == [TOTAL - 4, TOTAL - 2, TOTAL]  # max_to_keep=3
 
@@ -211,7 +208,7 @@ def test_jest_run_killed_twice_resumes_bitwise(jest_config, tmp_path, capsys):
     capsys.readouterr()
     train.train(config, str(work))
     _assert_resumed_from(capsys.readouterr().out, resumed)
-    _assert_bitwise(_state(config, work, 12), expected_state)
+    _assert_bitwise(train_state(config, work, 12), expected_state)
     rows = _rows(work)
     assert rows == expected_rows and "selection/score_selected" in rows[-1]
 
@@ -245,14 +242,14 @@ def test_corrupted_latest_checkpoint_is_reported_moved_aside_and_skipped(tiny_co
 
     capsys.readouterr()
     train.train(config, work)
-    out = capsys.readouterr().out
-    assert re.search(r"the checkpoint at step 6 cannot be restored \(.+\); moved it to "
-                     r".*checkpoints/6\.corrupt-[\d-]+ and resumed from step 4", out), out
+    out, err = capsys.readouterr()
+    assert re.search(r"warning: the checkpoint at step 6 cannot be restored \(.+\); moved it "
+                     r"to .*checkpoints/6\.corrupt-[\d-]+ and resumed from step 4", err), err
     assert "resuming from the checkpoint at step 4" in out
     names = os.listdir(os.path.join(work, "checkpoints"))
     assert _steps(work) == [6, 8]  # rewritten 6, and max_to_keep=2
     assert len([n for n in names if n.startswith("6.corrupt-")]) == 1  # kept, not deleted
-    _assert_bitwise(_state(config, work, 8), expected_state)
+    _assert_bitwise(train_state(config, work, 8), expected_state)
 
     # A config the checkpoints no longer match: every restore fails, so nothing is moved.
     config.model.embed_dim = 32
@@ -316,12 +313,11 @@ def test_nan_selection_scores_skipped_leave_the_initial_state(tiny_config, tmp_p
                                                              capsys):
     config = _nan_selection(tiny_config, tmp_path, monkeypatch, "skip")
     train.train(config, str(tmp_path / "run"))
-    assert "non-finite selection scores at step 4: update skipped (4 skipped" in \
-        capsys.readouterr().out
+    assert "warning: non-finite selection scores at step 4: update skipped (4 skipped" in \
+        capsys.readouterr().err
     assert [r["faults/skipped_steps"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
-    final = _state(config, tmp_path / "run", 4)
-    init = jax.tree.map(np.asarray, train.setup(config, str(tmp_path / "x"), selection=False)
-                        .trainer.init_state(config.seed))
+    final = train_state(config, tmp_path / "run", 4)
+    init = jax.tree.map(np.asarray, build.build(config, selection=False).state.init(config.seed))
     assert final.pop("step") == 4
     init.pop("step")
     _assert_bitwise(final, init)  # not one update got through
@@ -329,26 +325,25 @@ def test_nan_selection_scores_skipped_leave_the_initial_state(tiny_config, tmp_p
 
 def _poison_loss_at_record(monkeypatch, record: int) -> None:
     """The loss of any batch holding `record` is NaN (its gradients stay finite)."""
-    original = Trainer.loss
+    original = step_lib.batch_loss
 
-    def poisoned(self, params, batch):
-        loss = original(self, params, batch)
-        return jnp.where(jnp.any(batch["index"] == record), jnp.nan, loss)
+    def poisoned(model, loss, mesh, params, batch):
+        value = original(model, loss, mesh, params, batch)
+        return jnp.where(jnp.any(batch["index"] == record), jnp.nan, value)
 
-    monkeypatch.setattr(Trainer, "loss", poisoned)
+    monkeypatch.setattr(step_lib, "batch_loss", poisoned)
 
 
 def _record_first_seen_at(config, step: int) -> int:
     """A record of the batch of `step` that no earlier or later step of the run draws."""
-    from jest_jax.data.datasets import open_pool
     from jest_jax.data.pipeline import Preprocess, train_dataset
+    from jest_jax.data.sources import open_pool
     from jest_jax.data.tokenizer import make_tokenizer
 
     preprocess = Preprocess(config.data.image_size, make_tokenizer(config.data.tokenizer),
                             config.data.text_len)
-    source, _ = open_pool(config, "data.train")
-    it = iter(train_dataset(source, preprocess, batch_size=config.batch_size,
-                            seed=config.seed, num_threads=0))
+    it = iter(train_dataset(open_pool(config, "data.train"), preprocess,
+                            batch_size=config.batch_size, seed=config.seed, num_threads=0))
     batches = [next(it)["index"] for _ in range(config.total_steps)]
     others = set(np.concatenate(batches[:step - 1] + batches[step:]).tolist())
     return next(int(i) for i in batches[step - 1] if int(i) not in others)
@@ -370,10 +365,11 @@ def test_nan_loss_at_one_step(tiny_config, tmp_path, monkeypatch, capsys, policy
         assert _steps(work) == [1, 2]
         return
     train.train(config, str(work))
-    assert "non-finite loss at step 3: update skipped (1 skipped" in capsys.readouterr().out
+    assert "warning: non-finite loss at step 3: update skipped (1 skipped" in \
+        capsys.readouterr().err
     rows = _rows(work)
     assert [r["faults/skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
-    states = {s: _state(config, work, s) for s in (2, 3, 4)}
+    states = {s: train_state(config, work, s) for s in (2, 3, 4)}
     assert (states[2].pop("step"), states[3].pop("step")) == (2, 3)
     _assert_bitwise(states[2], states[3])  # step 3 changed nothing
     assert not np.array_equal(states[4]["params"]["bias"], states[3]["params"]["bias"])
@@ -381,29 +377,32 @@ def test_nan_loss_at_one_step(tiny_config, tmp_path, monkeypatch, capsys, policy
 
 
 def test_nan_gradients_with_finite_loss_are_named(tiny_config, tmp_path, monkeypatch):
-    original = Trainer.loss
+    original = step_lib.batch_loss
 
-    def nan_gradients(self, params, batch):  # d/db sqrt(b - b) is inf, times 0: NaN
-        return original(self, params, batch) + 0.0 * jnp.sqrt(params["bias"] - params["bias"])
+    def nan_gradients(model, loss, mesh, params, batch):  # d/db sqrt(b - b) is inf, times 0
+        return (original(model, loss, mesh, params, batch)
+                + 0.0 * jnp.sqrt(params["bias"] - params["bias"]))
 
-    monkeypatch.setattr(Trainer, "loss", nan_gradients)
+    monkeypatch.setattr(step_lib, "batch_loss", nan_gradients)
     with pytest.raises(train.NonFiniteLossError,
                        match=r"non-finite gradients at step 1 \(loss=[\d.]+, grad_norm=nan\)"):
         train.train(_short(tiny_config, 2), str(tmp_path / "run"))
 
 
-def test_nonfinite_bitmask_names_the_first_cause():
-    assert faults.nonfinite_quantities(0) == []
-    assert faults.nonfinite_quantities(0b0110) == ["loss", "gradients"]
-    assert faults.nonfinite_quantities(0b1001) == ["selection scores", "updated state"]
+def test_health_names_the_failed_checks_first_cause_first():
+    ok, bad = np.bool_(True), np.bool_(False)
+    assert faults.Health(ok, ok, ok, ok).failed() == []
+    assert faults.Health(ok, bad, bad, ok).failed() == ["loss", "gradients"]
+    assert faults.Health(bad, ok, ok, bad).failed() == ["selection scores", "updated state"]
 
 
 def test_sigterm_handler_is_installed_and_restored():
     before = signal.getsignal(signal.SIGTERM)
+    never = lambda step: False  # noqa: E731  JAX's sync point: not asked without distributed
     with faults.Preemption() as preemption:
-        assert not preemption.reached(1)
+        assert not preemption.reached(1, never)
         os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, does not kill
-        assert preemption.reached(2)
+        assert preemption.reached(2, never)
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -418,14 +417,14 @@ def test_sigterm_during_setup_is_not_lost(tiny_config, tmp_path, monkeypatch, ca
     """A notice that comes before training (set-up, restore, compilation can take minutes at
     scale) still stops the run after its first step, with a checkpoint."""
     config = _short(tiny_config, 4)
-    real_setup = train.setup
+    real_build = build.build
 
-    def setup_then_sigterm(*args, **kwargs):
-        out = real_setup(*args, **kwargs)
+    def build_then_sigterm(*args, **kwargs):
+        out = real_build(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train, "setup", setup_then_sigterm)
+    monkeypatch.setattr(build, "build", build_then_sigterm)
     train.train(config, str(tmp_path / "run"))
     assert "preempted: stopped after step 1 and wrote its checkpoint" in capsys.readouterr().out
     assert _steps(tmp_path / "run") == [1]
@@ -440,7 +439,7 @@ def test_preempted_at_an_eval_step_evaluates_it_on_resume(tiny_config, tmp_path,
     train.train(config, str(tmp_path / "straight"))
     expected = _all_rows(tmp_path / "straight")
 
-    monkeypatch.setattr(faults.Preemption, "reached", lambda self, step: step == 4)
+    monkeypatch.setattr(faults.Preemption, "reached", lambda self, step, sync: step == 4)
     train.train(config, str(tmp_path / "run"))
     assert _steps(tmp_path / "run") == [2, 4]
     assert max(r["step"] for r in read_metrics(str(tmp_path / "run"))) == 4
@@ -461,7 +460,8 @@ def test_url_workdir_is_refused(tiny_config, tmp_path, monkeypatch):
 def test_damaged_reference_checkpoint_is_a_clear_error(jest_config, reference_workdir, tmp_path):
     import shutil
 
-    from jest_jax import reference as reference_lib
+    from jest_jax import config as config_lib
+    from jest_jax.reference import OnlineReference
 
     damaged = tmp_path / "reference"
     shutil.copytree(reference_workdir, damaged)
@@ -470,5 +470,6 @@ def test_damaged_reference_checkpoint_is_a_clear_error(jest_config, reference_wo
     jest_config.selection.reference.workdir = str(damaged)
     with pytest.raises(CheckpointError, match=rf"config.selection.reference.workdir='{damaged}': "
                                               rf"its checkpoint at step {step} cannot be restored"):
-        reference_lib.load(jest_config, sharding.make_mesh(("data",), (1,)))
+        spec = config_lib.validate(jest_config)
+        OnlineReference.load(str(damaged), spec.data, spec.mesh.build(), spec.mesh)
     assert _steps(damaged) == _steps(reference_workdir)  # read-only: nothing moved

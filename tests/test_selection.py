@@ -1,9 +1,10 @@
-"""Selection against independent NumPy float64 references (DESIGN.md §1, §4)."""
+"""Selection against independent NumPy float64 references (docs/design.md §1, §4)."""
 
 from __future__ import annotations
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,12 @@ def np_pair_losses(img, txt, log_t, bias):
     logits = np.exp(log_t) * img @ txt.T + bias
     z = 2 * np.eye(len(img)) - 1
     return np.logaddexp(0.0, -z * logits)  # -log sigmoid(z * logit)
+
+
+def np_pairs(e):
+    """`np_pair_losses` of an `Embeddings`."""
+    return np_pair_losses(np.asarray(e.image), np.asarray(e.text), float(e.log_temperature),
+                          float(e.bias))
 
 
 def np_conditionals(S, idx, num_chunks):
@@ -164,8 +171,7 @@ def test_matrix_free_equals_dense_float64(criterion):
         reference = random_embeddings(rng, n, 16, log_t=np.log(20.0), bias=-5.0)
         fn = criteria.get(criterion)
         ref = reference if criteria.needs_reference(fn) else None
-        S = np.asarray(fn(np_pair_losses(*map(np.asarray, learner)),
-                          None if ref is None else np_pair_losses(*map(np.asarray, reference))))
+        S = np.asarray(fn(np_pairs(learner), None if ref is None else np_pairs(reference)))
         for seed in range(3):
             key = jax.random.key(seed)
             dense, dense_c = selection.joint_select(key, jnp.asarray(S), b, chunks,
@@ -284,3 +290,130 @@ def test_broken_user_criterion_modules_are_reported(tmp_path, monkeypatch):
         criteria.get("broken_criteria:f")
     with pytest.raises(ValueError, match="must be 'package.module:function'"):
         criteria.get("jest_jax.criteria:")
+
+
+# --- criteria with arguments and context -----------------------------------------------
+
+
+def with_margin(learner, reference, *, margin):
+    gap = learner - reference
+    return jnp.where(gap > margin, gap, 0.0)
+
+
+def with_prior(learner, reference, *, context, field="quality", weight=1.0):
+    """A per-example field on the matched pairs, plus a row×column term and the step:
+    everything a context offers, still elementwise in (i, j)."""
+    prior = jnp.where(context.positive, context.row(field), 0.0)
+    mix = 0.1 * context.row("learner_image_norm") * context.col("learner_text_norm")
+    return learner - reference + weight * prior + mix * (context.step >= 3)
+
+
+def np_with_prior(S_learner, S_reference, quality, image_norm, text_norm, step, weight):
+    prior = np.diag(quality)
+    mix = 0.1 * np.outer(image_norm, text_norm) * (step >= 3)
+    return S_learner - S_reference + weight * prior + mix
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_context_criterion_dense_and_matrix_free_agree_with_numpy(step):
+    """Fields, norms, the matched-pair mask and the step reach every block the same way:
+    dense and matrix-free pick the same indices, and S matches float64 NumPy."""
+    rng = np.random.default_rng(11)
+    n, b, chunks = 96, 24, 4
+    with jax.enable_x64(True):
+        learner = random_embeddings(rng, n, 8)
+        learner = learner._replace(image_norm=jnp.asarray(rng.uniform(0.5, 2, n)),
+                                   text_norm=jnp.asarray(rng.uniform(0.5, 2, n)))
+        reference = random_embeddings(rng, n, 8, log_t=np.log(20.0), bias=-5.0)
+        quality = rng.uniform(size=n)
+        context = criteria.Context(jnp.int32(step), {
+            "quality": jnp.asarray(quality), "learner_image_norm": learner.image_norm,
+            "learner_text_norm": learner.text_norm})
+        bound = criteria.bind(with_prior, {"weight": 3.0})
+        S = np_with_prior(np_pairs(learner), np_pairs(reference), quality,
+                          np.asarray(learner.image_norm), np.asarray(learner.text_norm), step,
+                          3.0)
+        np.testing.assert_allclose(selection.score_matrix(learner, reference, bound, context), S,
+                                   rtol=1e-12, atol=1e-12)
+        for seed in range(2):
+            key = jax.random.key(seed)
+            dense = selection.joint_select(key, jnp.asarray(S), b, chunks)
+            free = selection.joint_select_from_embeddings(key, learner, reference, bound, b,
+                                                          chunks, context=context)
+            np.testing.assert_array_equal(dense, free)
+        np.testing.assert_allclose(
+            selection.row_scores_from_embeddings(learner, reference, bound, 40, context),
+            S.sum(1), rtol=1e-10)
+        np.testing.assert_allclose(
+            selection.diagonal_scores(learner, reference, bound, context), np.diag(S),
+            rtol=1e-12)
+        idx = np.asarray(dense)
+        np.testing.assert_allclose(
+            selection.batch_score(learner, reference, bound, jnp.asarray(idx), context),
+            S[np.ix_(idx, idx)].sum() / b, rtol=1e-10)
+
+
+def test_criterion_arguments_are_checked_against_the_signature():
+    bound = criteria.bind(with_margin, {"margin": 0.5})
+    np.testing.assert_array_equal(bound(jnp.array([2.0, 1.0]), jnp.array([1.0, 0.8]),
+                                        criteria.Context()), [1.0, 0.0])
+    with pytest.raises(criteria.ConfigError,
+                       match=r"config.selection.criterion_args.margn=0.5 is invalid: criterion "
+                             r"'with_margin' takes no argument 'margn' \(did you mean "
+                             r"'margin'\?\); it takes \['margin'\]"):
+        criteria.bind(with_margin, {"margn": 0.5})
+    with pytest.raises(criteria.ConfigError,
+                       match=r"config.selection.criterion_args is missing \['margin'\]"):
+        criteria.bind(with_margin, {})
+    assert criteria.bind(with_prior).wants_context
+    assert not criteria.bind("learnability").wants_context
+    with pytest.raises(ValueError, match="first two arguments"):
+        criteria.bind(lambda losses: losses)
+
+
+def test_a_missing_context_field_is_named():
+    context = criteria.Context(0, {"is_clean": jnp.ones(4)}).block(jnp.arange(4),
+                                                                   jnp.arange(4))
+    with pytest.raises(criteria.ConfigError, match=r"per-example field 'quality'.*carry "
+                                                   r"\['is_clean'\]"):
+        context.row("quality")
+
+
+class SelectionKernelVariants(chex.TestCase):
+    """The selection kernels give the float64 reference's numbers jitted and not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_joint_conditionals(self):
+        n, b, chunks = 40, 12, 3
+        S = np.random.default_rng(3).normal(size=(n, n))
+        with jax.enable_x64(True):
+            fn = self.variant(lambda key, s: selection.joint_select(
+                key, s, b, chunks, 2.0, return_conditionals=True))
+            idx, conds = fn(jax.random.key(0), jnp.asarray(S))
+            check_valid(idx, n, b)
+            np.testing.assert_allclose(conds, np_conditionals(S, np.asarray(idx), chunks),
+                                       rtol=1e-12, atol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matrix_free_with_context(self):
+        rng = np.random.default_rng(12)
+        n, b, chunks = 48, 16, 4
+        with jax.enable_x64(True):
+            learner = random_embeddings(rng, n, 8)
+            reference = random_embeddings(rng, n, 8, bias=-5.0)
+            quality = rng.uniform(size=n)
+            bound = criteria.bind(lambda le, re, *, context: le - re + jnp.where(
+                context.positive, context.row("quality"), 0.0))
+            free = self.variant(lambda key, le, re, q: selection.joint_select_from_embeddings(
+                key, le, re, bound, b, chunks, return_conditionals=True,
+                context=criteria.Context(0, {"quality": q})))
+            idx, conds = free(jax.random.key(1), learner, reference, jnp.asarray(quality))
+            S = np_pairs(learner) - np_pairs(reference) + np.diag(quality)
+            np.testing.assert_allclose(conds, np_conditionals(S, np.asarray(idx), chunks),
+                                       rtol=1e-10, atol=1e-10)
+
+    def test_kernel_boundaries_check_shapes(self):
+        with pytest.raises(AssertionError, match="rank"):
+            selection.batch_score(random_embeddings(np.random.default_rng(0), 8, 4,
+                                                    dtype=np.float32), None,
+                                  "hard_learner", jnp.zeros((2, 2), jnp.int32))

@@ -76,14 +76,12 @@ SCRIPT = r"""
 import dataclasses, json, sys
 import jax, numpy as np
 from jax.sharding import Mesh
-from configs import smoke
-from jest_jax import reference as reference_lib, sharding
-from jest_jax.data.datasets import open_pool
+from jest_jax import build, config as config_lib, sharding, step as step_lib
 from jest_jax.data.pipeline import Preprocess, train_dataset
+from jest_jax.data.sources import open_pool
 from jest_jax.data.tokenizer import make_tokenizer
-from jest_jax.trainer import Trainer
 
-data_dir, ref_workdir, out_dir = sys.argv[1:4]
+data_dir, ref_workdir, out_dir, smoke = sys.argv[1:5]
 assert jax.device_count() == 8
 RUNS = {  # name: (mesh axes, shape, rules, loss implementation, selection implementation)
     "one": (("data",), (1,), ((".*", "replicate"),), "dense", "dense"),
@@ -94,7 +92,7 @@ RUNS = {  # name: (mesh axes, shape, rules, loss implementation, selection imple
 }
 
 def make_config(axes, shape, rules, loss, implementation):
-    c = smoke.get_config("steps=10")
+    c = config_lib.load(f"{smoke}:steps=10")
     for pool in (c.data.train, c.evals.zero_shot.data, c.evals.retrieval.data):
         pool.data_dir = data_dir
     c.data.train.split = "raw"
@@ -110,8 +108,8 @@ def make_config(axes, shape, rules, loss, implementation):
 config = make_config(*RUNS["one"])
 tokenizer = make_tokenizer(config.data.tokenizer)
 preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
-source, _ = open_pool(config, "data.train")
-host_batch = next(iter(train_dataset(source, preprocess, batch_size=64, seed=0)))
+host_batch = next(iter(train_dataset(open_pool(config, "data.train"), preprocess,
+                                     batch_size=64, seed=0)))
 key = jax.random.key(7)
 report = {}
 for name, run in RUNS.items():
@@ -119,19 +117,21 @@ for name, run in RUNS.items():
     config = make_config(*run)
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = Mesh(np.asarray(devices).reshape(shape), axes)
-    trainer = Trainer(config, mesh, tokenizer.vocab_size)
-    trainer.scorer, reference, _ = reference_lib.make_scorer(config, trainer)
-    state = trainer.init_state(config.seed)
+    spec = config_lib.validate(config)
+    source = spec.reference.open(spec.data, mesh, spec.mesh)
+    wired = build.wire(spec, mesh, tokenizer.vocab_size, source)
+    reference = source.step_input
+    state = wired.state.init(config.seed)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host_batch.items()}
-    idx, _ = jax.jit(trainer.scorer)(key, state["params"], reference, batch)
+    idx, _, _ = jax.jit(wired.scorer)(key, state["params"], reference, batch)
     selected = {k: v[idx] for k, v in batch.items()}
-    grads = jax.jit(jax.grad(trainer.loss))(state["params"], selected)
+    grads = jax.jit(jax.grad(lambda p: step_lib.batch_loss(wired.model, spec.loss, mesh, p,
+                                                           selected)))(state["params"])
     np.savez(f"{out_dir}/{name}_grads.npz", **{sharding.path_name(p): np.asarray(v)
              for p, v in jax.tree_util.tree_leaves_with_path(grads)})
-    step = trainer.jit_train_step(sharding.placed(reference, mesh))
     losses, scores = [], []
     for _ in range(2):
-        state, metrics = step(state, batch, reference)
+        state, metrics, _ = wired.step(state, batch, reference)
         losses.append(float(metrics["loss"]))
         scores.append(float(metrics["selection/score_selected"]))
     def spec(x):
@@ -160,8 +160,8 @@ def test_meshes_agree_with_one_device(data_dir, reference_workdir, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, reference_workdir,
-                          str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=900, cwd=ROOT)
+                          str(tmp_path), os.path.join(ROOT, "configs", "smoke.py")], env=env,
+                         capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))
     runs = json.loads(line[len("RESULT"):])
@@ -200,20 +200,21 @@ def test_meshes_agree_with_one_device(data_dir, reference_workdir, tmp_path):
 ROWS_SCRIPT = r"""
 import json, re, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jest_jax import criteria, scoring, sharding
+from jest_jax import criteria, methods, scoring, sharding
 from jest_jax.selection import Embeddings
 mesh = Mesh(np.array(jax.devices()), ("data",))
 N, b, D = 256, 64, 16
 x = jax.ShapeDtypeStruct((N, D), jnp.float32, sharding=NamedSharding(mesh, P("data")))
 out = {}
 for implementation in ("dense", "matrix_free"):
-    spec = scoring.SelectionSpec(method="joint", criterion=criteria.get("learnability"),
-                                 num_select=b, num_candidates=N, num_chunks=4,
-                                 implementation=implementation)
+    spec = scoring.SelectionSpec(method_name="joint", method=methods.Joint(b, 4, 1.0),
+                                 criterion=criteria.bind("learnability"), num_select=b,
+                                 num_candidates=N, implementation=implementation)
+    scorer = scoring.Scorer(spec, 0, None, None, sharding.rows_sharding(mesh))
     def f(key, li, lt, ri, rt):
         e, r = (Embeddings(i, t, jnp.float32(2.3), jnp.float32(-10.0))
                 for i, t in ((li, lt), (ri, rt)))
-        return scoring.select(spec, key, e, r, sharding.rows_sharding(mesh))
+        return spec.method(key, scorer.scores(e, r, criteria.Context()))
     text = jax.jit(f).lower(jax.random.key(0), x, x, x, x).compile().as_text()
     out[implementation] = sorted(set(re.findall(r"f32\[[0-9,]+\]", text)))
 print("RESULT" + json.dumps(out))
@@ -258,5 +259,5 @@ def test_a_rule_that_does_not_fit_the_model_is_a_config_error(tiny_config, tmp_p
     with pytest.raises(config_lib.ConfigError,
                        match=r"^config.mesh.rules: sharding rule 'mlp_in/kernel': spec .* has "
                              r"more entries than .*mlp_in/kernel has dimensions"):
-        train.setup(tiny_config, str(tmp_path / "run"))
+        train.train(tiny_config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

@@ -14,19 +14,22 @@ reference-embedding cache; "" runs the reference every step), filter (f),
 score_patch (Flexi-JEST scoring patch size; 0 = 16).
 """
 
+import os
+
 import ml_collections
 
-from configs import common
-from configs.paper import siglip
+from jest_jax import config as jj
+
+_SIGLIP = os.path.join(os.path.dirname(__file__), "siglip.py")  # loaded by path, as --config is
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, model="B", data="image_text_pairs", data_dir=common.DATA_DIR,
-                           tokenizer="", steps=100_000, fsdp=16, reference="", cache="",
-                           filter=0.8, score_patch=0)
+    arg = jj.parse_arg(arg, model="B", data="image_text_pairs", data_dir=jj.DATA_DIR,
+                       tokenizer="", steps=100_000, fsdp=16, reference="", cache="",
+                       filter=0.8, score_patch=0)
     base = ",".join(f"{k}={arg[k]}" for k in ("model", "data", "data_dir", "tokenizer",
                                               "steps", "fsdp"))
-    c = siglip.get_config(base)
+    c = jj.load(f"{_SIGLIP}:{base}")
     c.selection.method = "joint"
     c.selection.criterion = "learnability"
     c.selection.filter_ratio = arg.filter

@@ -14,18 +14,18 @@ trained on, `validation` evaluated by retrieval), data_dir, tokenizer (SentenceP
 
 import ml_collections
 
-from configs import common
+from jest_jax import config as jj
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, model="B", data="image_text_pairs", data_dir=common.DATA_DIR,
-                           tokenizer="", steps=100_000, fsdp=16)
+    arg = jj.parse_arg(arg, model="B", data="image_text_pairs", data_dir=jj.DATA_DIR,
+                       tokenizer="", steps=100_000, fsdp=16)
     if arg.model not in ("B", "L"):
         raise ValueError(f"configs/paper: model={arg.model!r}; use B or L")
-    c = common.get_base_config()
+    c = jj.defaults()
     c.batch_size = 32768             # the paper's learner batch b
     c.total_steps = arg.steps        # 100k steps = 3.3B examples seen; set to your budget
-    c.data.train = common.pool(arg.data, "train", arg.data_dir)
+    c.data.train = jj.pool(arg.data, "train", arg.data_dir)
     c.data.image_size = 256
     c.data.text_len = 64
     c.data.tokenizer = arg.tokenizer or "bytes"  # the paper: a 32k SentencePiece vocabulary
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.max_examples = 10_000
     # Zero-shot classification needs class names; add a task for a dataset that has them.
     del c.evals.zero_shot
-    c.evals.retrieval.data = common.pool(arg.data, "validation", arg.data_dir)
+    c.evals.retrieval.data = jj.pool(arg.data, "validation", arg.data_dir)
     # Batch over all devices; parameters and Adam moments split over groups of `fsdp`.
     c.mesh.axes = ("data", "fsdp")
     c.mesh.shape = (-1, arg.fsdp)

@@ -1,4 +1,7 @@
-"""Opening a split of a TFDS dataset, building embedded datasets on first use."""
+"""Opening a split of a TFDS dataset, building embedded datasets on first use.
+
+The `tfds` data source (`jest_jax.data.sources.TfdsSource`) reads through `load_split`.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jest_jax import config as config_lib
+from jest_jax import log
 from jest_jax.data.shapes import JestShapes
 
 # Builders that ship with jest_jax and are generated locally, without download.
@@ -56,16 +59,6 @@ def load_split(
     return builder.as_data_source(split=split), builder.info
 
 
-def open_pool(config: Any, field: str) -> tuple[Sequence[dict[str, Any]],
-                                                tfds.core.DatasetInfo]:
-    """`load_split` of the pool at config `field` ("data.train"); failures name the field."""
-    pool = config_lib.get_field(config, field)
-    try:
-        return load_split(pool.name, pool.split, pool.data_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise config_lib.ConfigError(f"config.{field}: {e}") from None
-
-
 def _embedded_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder | None:
     base, config, version = _parse_name(name)
     cls = EMBEDDED.get(base)
@@ -87,10 +80,11 @@ def _embedded_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder | No
         builder = make()  # another process may have built it while we waited
         if not builder.is_prepared():
             label = f"{base}/{builder.builder_config.name}"
-            print(f"building {label} into {data_dir} (first use)...", end="", flush=True)
+            # Every process that builds says so: only one per data dir does (the lock).
+            log.info(f"building {label} into {data_dir} (first use)...", every_process=True)
             start = time.perf_counter()
             prepare_quietly(builder)
-            print(f" done in {time.perf_counter() - start:.1f}s", flush=True)
+            log.info(f"built {label} in {time.perf_counter() - start:.1f}s", every_process=True)
     return builder
 
 

@@ -8,25 +8,80 @@ any number of processes, and the iterator state is a single position: checkpoint
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 from PIL import Image
 
+from jest_jax.data import sources
 from jest_jax.data.records import BadRecordError, SkipBad, problem, reason
-from jest_jax.data.tokenizer import Tokenizer
+from jest_jax.data.tokenizer import BYTES, Tokenizer, make_tokenizer
+from jest_jax.fields import Section
 
 _SKIP = ("image", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """`config.data`: the training pool and how every record becomes model inputs."""
+
+    train: sources.DataSource
+    image_size: int = 32
+    text_len: int = 32
+    tokenizer: str = BYTES
+    num_threads: int = 2
+    max_caption_bytes: int = 1024
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.train = sources.pool()         # the pool training batches are drawn from
+        c.image_size = 32                # images are resized to this (square) on the host
+        c.text_len = 32                  # tokens per caption, padded / truncated
+        c.tokenizer = BYTES              # "bytes" or a path to a SentencePiece .model
+        c.num_threads = 2                # grain reader threads per process
+        c.max_caption_bytes = 1024       # a longer caption (UTF-8) is a bad record (see
+        #                                  faults): web alt-text that long is markup or
+        #                                  boilerplate. Shorter captions are truncated to
+        #                                  text_len tokens as usual
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section, check_files: bool = True) -> DataSpec:
+        """`check_files=False` skips the tokenizer file's existence (abstract compiles)."""
+        train = sources.from_config(section.section("train"))
+        tokenizer = section.get("tokenizer")
+        section.check(tokenizer == BYTES or (isinstance(tokenizer, str) and tokenizer and (
+            not check_files or os.path.isfile(tokenizer))), "tokenizer", tokenizer,
+            f"must be {BYTES!r} or the path of a SentencePiece .model file")
+        return cls(train=train, image_size=section.integer("image_size", 1),
+                   text_len=section.integer("text_len", 2), tokenizer=tokenizer,
+                   num_threads=section.integer("num_threads", 0),
+                   max_caption_bytes=section.integer("max_caption_bytes", 1))
+
+    def preprocess(self, check_captions: bool = True) -> Preprocess:
+        """Record → model inputs with this config's tokenizer; `check_captions=False` does
+        not refuse over-long captions (the reference cache embeds the pool as it is)."""
+        return Preprocess(self.image_size, make_tokenizer(self.tokenizer), self.text_len,
+                          self.max_caption_bytes if check_captions else None)
+
+    def identity(self) -> dict[str, Any]:
+        """The training pool and the preprocessing that turns it into inputs."""
+        return {**self.train.identity(), "image_size": self.image_size,
+                "text_len": self.text_len, "tokenizer": self.tokenizer}
 
 
 class Preprocess:
     """Record → model inputs: uint8 image at `image_size`, int32 tokens, record index.
 
-    Scalar numeric fields (labels, `is_clean`, …) are kept for evaluation and
-    diagnostics. Images stay uint8 on the host; normalisation happens on device.
+    Scalar numeric fields (labels, `is_clean`, scores, …) are kept for evaluation,
+    diagnostics and criteria. Images stay uint8 on the host; normalisation happens on device.
     A bad record (`records.problem`) raises BadRecordError.
     """
 
@@ -48,7 +103,7 @@ class Preprocess:
         }
         for key, value in record.items():
             value = np.asarray(value)
-            if key not in _SKIP and value.ndim == 0 and value.dtype.kind in "biu":
+            if key not in _SKIP and value.ndim == 0 and value.dtype.kind in "biuf":
                 out[key] = value
         return out
 

@@ -8,11 +8,12 @@ docs/reliability.md describes the skip policy and why it keeps runs resumable.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+from jest_jax import log
 
 # A run of this many bad records in a row is a broken dataset, not a few bad records.
 MAX_CONSECUTIVE_BAD = 100
@@ -72,8 +73,9 @@ class SkipBad:
                     raise BadRecordError(
                         f"record {record} of {self.pool} is bad: {why} (set "
                         "config.faults.bad_records='skip' to skip bad records)") from e
-                print(f"warning: skipping record {record} of {self.pool}: {why}",
-                      file=sys.stderr, flush=True)
+                # Said by whichever process met it: the others never read this record.
+                log.warning(f"skipping record {record} of {self.pool}: {why}",
+                            every_process=True)
                 continue
             # 1 per bad record met at this stream position: a run of bad records in a row
             # is counted once each, at its own position, not again by each replacement.

@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 PAD_ID = 0
+BYTES = "bytes"  # the tokenizer spec of the byte tokenizer; anything else is a model path
 
 
 class Tokenizer(Protocol):
@@ -56,6 +57,6 @@ class SentencePieceTokenizer:
 
 def make_tokenizer(spec: str) -> Tokenizer:
     """`"bytes"` for the byte tokenizer, else a path to a SentencePiece `.model` file."""
-    if spec == "bytes":
+    if spec == BYTES:
         return ByteTokenizer()
     return SentencePieceTokenizer(spec)

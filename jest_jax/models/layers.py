@@ -23,6 +23,7 @@ _VARIANT_KEYS = ("width", "depth", "num_heads", "mlp_dim")
 
 # Params are always stored in float32; only the compute dtype varies.
 PARAM_DTYPE = jnp.float32
+DTYPES = ("float32", "bfloat16")  # the compute dtypes a config may name
 
 
 def variant(spec: str | Mapping[str, Any]) -> dict[str, int]:

@@ -24,6 +24,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
+def _unit(x: jax.Array, with_norm: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
+    unit = l2_normalize(x)
+    if not with_norm:
+        return unit
+    return unit, jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
+
+
 class TwoTower(nnx.Module):
     """Image and text towers mapping into one ``embed_dim`` space."""
 
@@ -67,13 +74,16 @@ class TwoTower(nnx.Module):
         self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature_init), jnp.float32))
         self.bias = nnx.Param(jnp.asarray(bias_init, jnp.float32))
 
-    def embed_images(self, images: jax.Array, patch_size: int | None = None) -> jax.Array:
-        """``f32[B, H, W, 3] -> f32[B, D]``, unit norm; see ``ViT.__call__``."""
-        return l2_normalize(self.image(images, patch_size))
+    def embed_images(self, images: jax.Array, patch_size: int | None = None,
+                     with_norm: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``f32[B, H, W, 3] -> f32[B, D]``, unit norm; see ``ViT.__call__``. With
+        ``with_norm``, also the norms before normalisation, ``f32[B]``."""
+        return _unit(self.image(images, patch_size), with_norm)
 
-    def embed_texts(self, tokens: jax.Array) -> jax.Array:
-        """``int32[B, L] -> f32[B, D]``, unit norm."""
-        return l2_normalize(self.text(tokens))
+    def embed_texts(self, tokens: jax.Array, with_norm: bool = False
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``int32[B, L] -> f32[B, D]``, unit norm (and the norms, as ``embed_images``)."""
+        return _unit(self.text(tokens), with_norm)
 
     def __call__(
         self, images: jax.Array, tokens: jax.Array, patch_size: int | None = None

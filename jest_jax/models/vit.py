@@ -12,6 +12,9 @@ from flax import nnx
 from jest_jax.models.layers import PARAM_DTYPE, Encoder, MAPHead, resolve_dtype
 from jest_jax.models.layers import variant as resolve_variant
 
+# Image pooling: "gap" (mean over tokens) | "map" (attention pooling, as SigLIP).
+POOLS = ("gap", "map")
+
 
 def _bilinear_resize_matrix(old: int, new: int) -> np.ndarray:
     """The float64 ``[new*new, old*old]`` matrix of ``jax.image.resize`` (bilinear)."""
@@ -81,8 +84,8 @@ class ViT(nnx.Module):
             )
         )
         self.encoder = Encoder(dtype=self.dtype, rngs=rngs, remat=remat, **cfg)
-        if pool not in ("map", "gap"):
-            raise ValueError(f"pool must be 'map' or 'gap', got {pool!r}.")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}.")
         self.map_head = (MAPHead(width, cfg["num_heads"], cfg["mlp_dim"], self.dtype, rngs)
                          if pool == "map" else None)
         self.head = nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)

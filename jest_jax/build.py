@@ -1,0 +1,93 @@
+"""The composition root: every component of a run, built once from one validated config.
+
+`wire` is the one place where model, optimizer, loss, selection and reference source
+become the jitted train step; `build` adds what a real run reads (tokenizer, reference
+files, eval splits). Training, `--mode eval`, `experiments/compile_paper.py` (with an
+abstract reference) and the benchmarks all go through `wire`, so there is no second
+wiring path (docs/design.md, "Layers").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from jest_jax import config as config_lib
+from jest_jax import sharding
+from jest_jax.data.pipeline import Preprocess
+from jest_jax.evaluate import EvalRunner
+from jest_jax.models import Model
+from jest_jax.reference import NoReference, ReferenceSource
+from jest_jax.scoring import Scorer
+from jest_jax.step import TrainState, jit_train_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Wired:
+    """The model and its jitted train step, with what they need around them."""
+
+    model: Model
+    state: TrainState
+    scorer: Scorer | None
+    reference: ReferenceSource
+    step: Callable  # jitted: (state, batch, reference.step_input) -> (state, metrics, health)
+
+
+def wire(spec: config_lib.Spec, mesh: jax.sharding.Mesh, vocab_size: int,
+         reference: ReferenceSource, selection: bool = True) -> Wired:
+    """Model, sharded state layout, scorer and jitted step for `spec` on `mesh`.
+
+    `reference` is the source the step reads (a real one, or abstract for compiles);
+    `selection=False` builds the plain step (evaluation needs no scorer).
+    """
+    model = Model(spec.model, vocab_size)
+    state = TrainState(model, spec.optimizer, mesh, spec.mesh)
+    scorer = None
+    if selection and spec.selection.active:
+        scorer = Scorer(spec.selection, spec.seed,
+                        functools.partial(model.embeddings,
+                                          patch_size=spec.selection.score_patch_size),
+                        reference, sharding.rows_sharding(mesh))
+    step = make_train_step(model, spec.optimizer, spec.loss, mesh, scorer, spec.faults.nonfinite)
+    jitted = jit_train_step(step, state, sharding.placed(reference.step_input, mesh))
+    return Wired(model, state, scorer, reference, jitted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a training run or an evaluation uses, built from one config."""
+
+    spec: config_lib.Spec
+    mesh: jax.sharding.Mesh
+    preprocess: Preprocess
+    wired: Wired
+    evaluator: EvalRunner
+
+    @property
+    def model(self) -> Model:
+        return self.wired.model
+
+    @property
+    def state(self) -> TrainState:
+        return self.wired.state
+
+
+def build(config: ml_collections.ConfigDict, selection: bool = True) -> Run:
+    """Validate `config` for this process's devices and build its run.
+
+    Every eval split is opened (and checked) and, with `selection`, the reference is
+    loaded, all before anything is compiled: a bad field fails in seconds.
+    """
+    spec = config_lib.validate(config, num_devices=jax.device_count())
+    mesh = spec.mesh.build()
+    preprocess = spec.data.preprocess()
+    reference = (spec.reference.open(spec.data, mesh, spec.mesh)
+                 if selection and spec.selection.active else NoReference())
+    wired = wire(spec, mesh, preprocess.tokenizer.vocab_size, reference, selection)
+    evaluator = EvalRunner(spec.evals, wired.model, mesh, wired.state.sharding["params"],
+                           preprocess)
+    return Run(spec, mesh, preprocess, wired, evaluator)

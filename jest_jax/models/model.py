@@ -1,0 +1,127 @@
+"""The model component: `config.model` resolved (`ModelSpec`), and the two-tower model as
+pure functions of a params tree (`Model`), which is how the train step, the scorer, the
+evaluators and the reference use it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jest_jax.fields import Section
+from jest_jax.losses import Embeddings
+from jest_jax.models.layers import DTYPES, VARIANTS
+from jest_jax.models.two_tower import TwoTower
+from jest_jax.models.vit import POOLS
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] → float32 [-1, 1], on device so hosts ship bytes, not floats."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The architecture: `config.model`, plus the input sizes it is built for."""
+
+    image_size: int
+    text_len: int
+    image_variant: str = "tiny"
+    text_variant: str = "tiny"
+    patch_size: int = 4
+    image_pool: str = "gap"
+    embed_dim: int = 128
+    dtype: str = "float32"
+    remat: bool = False
+    temperature_init: float = 10.0
+    bias_init: float = -10.0
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L
+        c.text_variant = "tiny"
+        c.patch_size = 4             # must divide data.image_size
+        c.image_pool = "gap"         # gap (token mean) | map (attention pooling, as SigLIP;
+        #                              slower to learn for the tiny CPU model on jest_shapes)
+        c.embed_dim = 128            # shared embedding space
+        c.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
+        c.remat = False              # recompute each transformer block in the backward pass:
+        #                              ~1/3 more compute, activations of one block kept
+        c.temperature_init = 10.0    # SigLIP: t' = log 10
+        c.bias_init = -10.0          # SigLIP: beta = -10
+        return c
+
+    @classmethod
+    def from_config(cls, section: Section, image_size: int, text_len: int) -> ModelSpec:
+        """`section` is `config.model`; the sizes are `data.image_size` and `data.text_len`."""
+        variants = tuple(VARIANTS)
+        image_variant = section.choice("image_variant", variants)
+        text_variant = section.choice("text_variant", variants)
+        patch = section.integer("patch_size", 1)
+        section.check(image_size % patch == 0, "patch_size", patch,
+                      f"must divide data.image_size={image_size}")
+        return cls(
+            image_size=image_size, text_len=text_len, image_variant=image_variant,
+            text_variant=text_variant, patch_size=patch,
+            embed_dim=section.integer("embed_dim", 1),
+            dtype=section.choice("dtype", DTYPES),
+            image_pool=section.choice("image_pool", POOLS),
+            remat=section.boolean("remat"),
+            temperature_init=section.number("temperature_init", lambda v: v > 0, "must be > 0"),
+            bias_init=section.number("bias_init"))
+
+    def create(self, vocab_size: int, rngs: nnx.Rngs) -> TwoTower:
+        return TwoTower(
+            image_size=self.image_size, patch_size=self.patch_size,
+            image_variant=self.image_variant, text_variant=self.text_variant,
+            vocab_size=vocab_size, text_len=self.text_len, embed_dim=self.embed_dim,
+            dtype=self.dtype, image_pool=self.image_pool,
+            temperature_init=self.temperature_init, bias_init=self.bias_init,
+            remat=self.remat, rngs=rngs)
+
+
+class Model:
+    """The two-tower model of `spec` as pure functions of a params tree.
+
+    The nnx graph is split off once; every call merges it with the params it is given,
+    so one `Model` serves the learner, a frozen reference and abstract compiles alike.
+    """
+
+    def __init__(self, spec: ModelSpec, vocab_size: int):
+        self.spec, self.vocab_size = spec, vocab_size
+        abstract = nnx.eval_shape(lambda: spec.create(vocab_size, nnx.Rngs(0)))
+        self.graphdef, _ = nnx.split(abstract, nnx.Param)
+
+    def init(self, key: jax.Array) -> dict:
+        """Fresh params (a pure dict) from `key`."""
+        return nnx.state(self.spec.create(self.vocab_size, nnx.Rngs(key)),
+                         nnx.Param).to_pure_dict()
+
+    def abstract_params(self) -> dict:
+        """ShapeDtypeStructs of the params."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def embed_images(self, params: dict, images: jax.Array, patch_size: int | None = None,
+                     norms: bool = False):
+        """uint8 images → L2-normalised float32 embeddings (at another patch size if given);
+        with `norms`, also their norms before normalisation."""
+        model = nnx.merge(self.graphdef, params)
+        return model.embed_images(normalize_images(images), patch_size, with_norm=norms)
+
+    def embed_texts(self, params: dict, tokens: jax.Array, norms: bool = False):
+        """int32 tokens (0 = pad) → L2-normalised float32 embeddings (and norms)."""
+        return nnx.merge(self.graphdef, params).embed_texts(tokens, with_norm=norms)
+
+    def embeddings(self, params: dict, batch: dict[str, jax.Array],
+                   patch_size: int | None = None, norms: bool = False) -> Embeddings:
+        """The model's view of a batch: embeddings, t' and β (and norms if asked)."""
+        image = self.embed_images(params, batch["image"], patch_size, norms)
+        text = self.embed_texts(params, batch["tokens"], norms)
+        if not norms:
+            return Embeddings(image, text, params["log_temperature"], params["bias"])
+        return Embeddings(image[0], text[0], params["log_temperature"], params["bias"],
+                          image[1], text[1])
