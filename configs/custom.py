@@ -5,8 +5,8 @@
 
 Trains on `train_split` and evaluates retrieval on `eval_split`, plus zero-shot
 classification on its `label` feature when `zero_shot=True` (the dataset must then have
-class names). Every other field keeps the default its component documents (docs/design.md, "Config")
-and can be overridden.
+class names). Every other field keeps the default its component documents
+(docs/design.md §4, "Config") and can be overridden.
 """
 
 import ml_collections

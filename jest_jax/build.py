@@ -4,7 +4,7 @@
 become the jitted train step; `build` adds what a real run reads (tokenizer, reference
 files, eval splits). Training, `--mode eval`, `experiments/compile_paper.py` (with an
 abstract reference) and the benchmarks all go through `wire`, so there is no second
-wiring path (docs/design.md, "Layers").
+wiring path (docs/design.md §4, "Train step").
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def wire(spec: config_lib.Spec, mesh: jax.sharding.Mesh, vocab_size: int,
                         functools.partial(model.embeddings,
                                           patch_size=spec.selection.score_patch_size),
                         reference, sharding.rows_sharding(mesh))
-    step = make_train_step(model, spec.optimizer, spec.loss, mesh, scorer, spec.faults.nonfinite)
+    step = make_train_step(model, spec.optimizer, spec.loss, mesh, scorer, spec.faults)
     jitted = jit_train_step(step, state, sharding.placed(reference.step_input, mesh))
     return Wired(model, state, scorer, reference, jitted)
 
@@ -85,8 +85,7 @@ def build(config: ml_collections.ConfigDict, selection: bool = True) -> Run:
     spec = config_lib.validate(config, num_devices=jax.device_count())
     mesh = spec.mesh.build()
     preprocess = spec.data.preprocess()
-    reference = (spec.reference.open(spec.data, mesh, spec.mesh)
-                 if selection and spec.selection.active else NoReference())
+    reference = spec.reference.open(spec.data, mesh, spec.mesh) if selection else NoReference()
     wired = wire(spec, mesh, preprocess.tokenizer.vocab_size, reference, selection)
     evaluator = EvalRunner(spec.evals, wired.model, mesh, wired.state.sharding["params"],
                            preprocess)

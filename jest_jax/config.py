@@ -1,6 +1,6 @@
 """The config contract: the documented defaults, experiment files, and start-up validation.
 
-Each component owns its section (docs/design.md, "Config"): its `defaults()` documents
+Each component owns its section (docs/design.md §4, "Config"): its `defaults()` documents
 the fields and its `from_config` validates them, stating each allowed value once, next
 to the code that uses it. This module assembles the defaults, loads experiment files by
 path (`configs/*.py` are experiment files, not a package), and validates a whole config:

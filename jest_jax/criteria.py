@@ -162,14 +162,16 @@ def bind(criterion: str | Criterion | Bound, args: Mapping[str, Any] | None = No
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # not introspectable (a C function): take it as it is
         return Bound(fn, tuple(sorted(args.items())))
+    name = getattr(fn, "__name__", str(fn))
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
-        raise ValueError(f"criterion {getattr(fn, '__name__', fn)!r} must take the learner's "
-                         "and the reference's pair losses as its first two arguments")
-    rest = [p for p in params[2:] if p.name != CONTEXT
+        raise ValueError(f"criterion {name!r} must take the learner's and the reference's "
+                         "pair losses as its first two arguments")
+    # What follows the two blocks (or `*blocks`) may be named in criterion_args.
+    after = [p for p in params if p not in positional[:2] and p.kind != p.VAR_POSITIONAL]
+    rest = [p for p in after if p.name != CONTEXT
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     takes = [p.name for p in rest]
-    name = getattr(fn, "__name__", str(fn))
     if not any(p.kind == p.VAR_KEYWORD for p in params):
         for arg, value in args.items():
             if arg not in takes:
@@ -181,7 +183,7 @@ def bind(criterion: str | Criterion | Bound, args: Mapping[str, Any] | None = No
         raise ConfigError(f"config.{field} is missing {missing}: criterion {name!r} needs "
                           "them (set them in the config file, e.g. "
                           f"c.{field}.{missing[0]} = ...)")
-    wants = any(p.name == CONTEXT for p in params[2:])
+    wants = any(p.name == CONTEXT for p in after)
     return Bound(fn, tuple(sorted(args.items())), wants)
 
 

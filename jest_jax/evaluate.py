@@ -2,7 +2,7 @@
 
 `config.evals` holds a few options and any number of tasks, each a group whose `kind`
 names a registered evaluator class (or `"package.module:Class"`) that validates the
-task's other fields (docs/design.md, "Evaluator"). A task maps an `EvalContext` (the
+task's other fields (docs/design.md §4, "Evaluator"). A task maps an `EvalContext` (the
 embedded eval split, class names, a text embedder) to `{"<task>/<metric>": value}`.
 Eval splits are small: their preprocessed examples are cached on the host after the
 first pass, each split is embedded once per evaluation whatever the number of tasks on
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -78,7 +78,8 @@ class Evaluator(Protocol):
     def __call__(self, context: EvalContext) -> dict[str, float]: ...
 
 
-REGISTRY: Registry[type[Evaluator]] = Registry("evaluator kind", "Class")
+REGISTRY: Registry[type[Evaluator]] = Registry("evaluator kind", "Class",
+                                              needs=("defaults", "from_config", "check"))
 
 
 @REGISTRY.register("retrieval")
@@ -88,7 +89,6 @@ class Retrieval:
 
     name: str
     data: sources.DataSource
-    kind: ClassVar[str] = "retrieval"
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -201,19 +201,14 @@ class EvalSpec:
             if name in OPTIONS:
                 continue
             task = section.node[name]
-            kind = task.get("kind") if isinstance(task, ml_collections.ConfigDict) else task
-            cls_ = REGISTRY.find(kind) if isinstance(task, ml_collections.ConfigDict) else None
-            if cls_ is None:
-                why = (f"must be a dict with kind in {REGISTRY.names()} or "
-                       "'package.module:Class'")
-                if isinstance(task, ml_collections.ConfigDict) and isinstance(kind, str) \
-                        and ":" in kind:
-                    try:
-                        REGISTRY.get(kind)
-                    except ValueError as e:
-                        why = str(e)
-                raise section.error(name, kind, why)
-            tasks.append(cls_.from_config(name, section.section(name)))
+            if not isinstance(task, ml_collections.ConfigDict) or "kind" not in task:
+                raise section.error(name, task, "must be a dict with a `kind`, one of "
+                                    f"{REGISTRY.names()} or 'package.module:Class'")
+            try:
+                kind = REGISTRY.get(task.kind)
+            except ValueError as e:
+                raise section.error(name, task.kind, str(e)) from None
+            tasks.append(kind.from_config(name, section.section(name)))
         return cls(every, batch, limit, tuple(tasks))
 
     def due(self, step: int) -> bool:

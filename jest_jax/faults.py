@@ -52,6 +52,16 @@ class FaultPolicy:
         return cls(section.choice("nonfinite", NONFINITE_POLICIES),
                    section.choice("bad_records", BAD_RECORD_POLICIES))
 
+    @property
+    def stop_on_nonfinite(self) -> bool:
+        """Stop the run at a step that failed a check (else skip its update)."""
+        return self.nonfinite == "stop"
+
+    @property
+    def skip_bad_records(self) -> bool:
+        """Replace a bad training record by the next good one (else stop at it)."""
+        return self.bad_records == "skip"
+
 
 class Health(NamedTuple):
     """What one step checked, each a bool[] that is True when all finite.
@@ -89,14 +99,14 @@ def check(scores_ok: jax.Array, loss: jax.Array, grad_norm: jax.Array, new: dict
                   _all_finite({k: v for k, v in new.items() if k != "step"}))
 
 
-def apply_policy(policy: str, health: Health, new: dict, old: dict) -> dict:
-    """The state to continue from. "skip": a step that failed a check keeps the previous
+def apply_policy(policy: FaultPolicy, health: Health, new: dict, old: dict) -> dict:
+    """The state to continue from. Skipping: a step that failed a check keeps the previous
     params and optimizer state (the step counter still advances, so the next step draws
-    the next batch and its own selection key); "stop" keeps the new state and leaves the
+    the next batch and its own selection key). Stopping keeps the new state and leaves the
     decision to the host (the loop raises `NonFiniteLossError` when it reads the health).
     Skipping keeps the old state alive next to the new one: one extra state in memory.
     """
-    if policy != "skip":
+    if policy.stop_on_nonfinite:
         return new
     ok = health.ok()
     return {k: v if k == "step" else jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, old[k])

@@ -1,6 +1,6 @@
 """Reading one config section: typed, range-checked fields whose errors name the field.
 
-Every component validates its own section with a `Section` (docs/design.md, "Config"):
+Every component validates its own section with a `Section` (docs/design.md §4, "Config"):
 
     s = Section(config.model, "model")
     patch = s.integer("patch_size", 1)          # ConfigError: config.model.patch_size=0 ...

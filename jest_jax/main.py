@@ -24,7 +24,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jest_jax import config as config_lib
-from jest_jax import log
+from jest_jax import log, sharding, train
+from jest_jax.checkpoint import CheckpointError
+from jest_jax.data.records import BadRecordError
+from jest_jax.faults import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
@@ -59,18 +62,11 @@ def main(argv: list[str]) -> None:
     if _MODE.value != "cache" and not _WORKDIR.value:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
 
-    from jest_jax import sharding
-
     try:  # before anything touches a device
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    # orbax, grain, TFDS: imported after validation, to fail fast
-    from jest_jax import train
-    from jest_jax.checkpoint import CheckpointError
-    from jest_jax.data.records import BadRecordError
-    from jest_jax.faults import WorkdirError
 
     try:
         if _MODE.value == "train":

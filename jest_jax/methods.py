@@ -5,8 +5,8 @@ A method is a class registered under the name `selection.method` gives it (or na
 fields there (`num_chunks`, `score_gain`, `sampling`) are already validated by
 `scoring.SelectionSpec`; a method checks how they fit it, and validates its own
 `selection.method_args`. Called inside the jitted step, it returns the chosen indices
-and the scores it chose by (checked for NaN/+inf by the step's guard). docs/design.md,
-"Selection method", has the contract; `jest_jax.selection` the kernels.
+and the scores it chose by (checked for NaN/+inf by the step's guard). docs/design.md
+§4, "Selection method", has the contract; `jest_jax.selection` the kernels.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class SelectionMethod(Protocol):
         None). `scores` is None when `uses_scores` is False."""
 
 
-REGISTRY: Registry[type[SelectionMethod]] = Registry("selection method", "Class")
+REGISTRY: Registry[type[SelectionMethod]] = Registry("selection method", "Class",
+                                                     needs=("uses_scores", "from_config"))
 
 
 @REGISTRY.register("uniform")

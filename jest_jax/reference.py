@@ -1,5 +1,5 @@
-"""The frozen reference model behind a learner run: where it comes from (docs/design.md,
-"Reference source"), and its embedding cache (paper §A.5).
+"""The frozen reference model behind a learner run: where it comes from (docs/design.md
+§4, "Reference source"), and its embedding cache (paper §A.5).
 
 A `ReferenceSource` gives the train step three things: its `step_input` (the pytree the
 jitted step is handed each call), `embed(step_input, batch)` (the reference's
@@ -100,6 +100,16 @@ class ReferenceSpec:
             return CachedReference.open(self, data)
         return OnlineReference.load(self.workdir, data, mesh, mesh_spec)
 
+    def abstract(self, model: Model, mesh: jax.sharding.Mesh,
+                 mesh_spec: sharding.MeshSpec) -> ReferenceSource:
+        """The source `open` would give, as shapes only and without reading a file (to
+        compile the step ahead of time): `model`'s architecture stands in for the run."""
+        if not self.needed:
+            return NoReference()
+        if self.cache_dir:
+            return CachedReference.abstract(mesh)
+        return OnlineReference(model, placed_params(model, mesh, mesh_spec))
+
 
 class NoReference:
     """No reference model: nothing is loaded, nothing reaches the step."""
@@ -163,6 +173,10 @@ def reference_model(workdir: str, data: DataSpec) -> Model:
         raise ConfigError(f"config.{_WORKDIR}={workdir!r} is not a run's workdir "
                           "(no config.json)")
     saved = ml_collections.ConfigDict(read_json(path))
+    # A field added since the reference was trained takes its default: each default is
+    # what the code did before the field existed (docs/design.md §4, "Config").
+    model_fields = ModelSpec.defaults()
+    model_fields.update(saved.get("model", {}))
     for key in _SHARED_DATA_FIELDS:
         if saved.data[key] != getattr(data, key):
             raise ConfigError(
@@ -170,7 +184,7 @@ def reference_model(workdir: str, data: DataSpec) -> Model:
                 f"{saved.data[key]!r} but this run uses {getattr(data, key)!r}; the "
                 "learner and reference score the same inputs, so they must match")
     try:
-        spec = ModelSpec.from_config(Section(saved.model, "model"), data.image_size,
+        spec = ModelSpec.from_config(Section(model_fields, "model"), data.image_size,
                                      data.text_len)
     except (ConfigError, AttributeError) as e:
         raise ConfigError(f"config.{_WORKDIR}={workdir!r}: its config.json does not describe "

@@ -1,4 +1,4 @@
-"""Name → implementation tables: the extension points (docs/design.md, "Extension points").
+"""Name → implementation tables: the extension points (docs/design.md §5).
 
 A registry holds one kind of thing (criteria, selection methods, evaluators, data
 sources). A config names an entry either by its registered name or as
@@ -16,10 +16,14 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Entries of one kind; `what` ("criterion") and `attr` ("function") word the errors."""
+    """Entries of one kind; `what` ("criterion") and `attr` ("function") word the errors.
 
-    def __init__(self, what: str, attr: str):
-        self.what, self.attr = what, attr
+    `needs` names the attributes every entry has by its contract (docs/design.md §4):
+    an object found at a `"module:attr"` path without them is refused by name.
+    """
+
+    def __init__(self, what: str, attr: str, needs: tuple[str, ...] = ()):
+        self.what, self.attr, self.needs = what, attr, needs
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -60,6 +64,10 @@ class Registry(Generic[T]):
         obj: Any = getattr(module, attr, None)
         if obj is None:
             raise ValueError(f"{self.what} {name!r}: {module_name} has no {self.attr} {attr!r}")
+        missing = [n for n in self.needs if not hasattr(obj, n)]
+        if missing:
+            raise ValueError(f"{name!r} is not a {self.what}: it has no {missing} "
+                             "(docs/design.md §4)")
         return obj
 
     def find(self, name: Any) -> T | None:

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,8 +30,6 @@ IMPLEMENTATIONS = ("auto", "dense", "matrix_free")
 DENSE_MAX_CANDIDATES = 256
 # Folded into the seed's key so selection draws are independent of parameter init.
 _SELECTION_STREAM = 0x5E1EC7
-# Batch entries that are bookkeeping, not per-example data a criterion should read.
-_NOT_FIELDS = ("bad_records",)
 
 Embed = Callable[..., Embeddings]
 
@@ -50,7 +49,6 @@ def super_batch_size(batch_size: int, filter_ratio: float) -> int:
 class SelectionSpec:
     """`config.selection`, resolved: what to select, from how many, and how."""
 
-    method_name: str
     method: methods.SelectionMethod
     criterion: criteria.Bound
     num_select: int
@@ -63,7 +61,7 @@ class SelectionSpec:
         """The section's fields; `selection.reference` is `reference.ReferenceSpec`'s."""
         c = ml_collections.ConfigDict()
         c.method = "uniform"   # uniform (plain SigLIP) | independent | joint (JEST), or your own
-        #                        "package.module:Class" (docs/design.md, "Selection method")
+        #                        "package.module:Class" (docs/design.md §4, "Selection method")
         c.method_args = ml_collections.ConfigDict()  # fields of your own method, checked by it
         c.criterion = "learnability"  # learnability | hard_learner | easy_reference,
         #                        or your own "package.module:function" (docs/selection.md)
@@ -87,9 +85,6 @@ class SelectionSpec:
             method_cls = methods.REGISTRY.get(name)
         except ValueError as e:
             raise section.error("method", name, str(e)) from None
-        section.check(hasattr(method_cls, "from_config") and hasattr(method_cls, "uses_scores"),
-                      "method", name, "is not a selection method: it needs `uses_scores` and "
-                      "`from_config` (docs/design.md, \"Selection method\")")
         ratio = section.number("filter_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)")
         try:
             n = super_batch_size(batch_size, ratio)
@@ -120,7 +115,7 @@ class SelectionSpec:
         except ValueError as e:
             raise section.error("criterion", criterion, str(e)) from None
         method = method_cls.from_config(section, num_select=batch_size, num_candidates=n)
-        return cls(name, method, bound, batch_size, n, implementation, patch or None)
+        return cls(method, bound, batch_size, n, implementation, patch or None)
 
     @property
     def active(self) -> bool:
@@ -157,7 +152,7 @@ class Scorer:
                 reference: Embeddings | None) -> criteria.Context:
         """Per-example vectors a criterion may read: the candidates' scalar fields, and
         the embedding norms of each model that computed them."""
-        fields = {k: v for k, v in batch.items() if v.ndim == 1 and k not in _NOT_FIELDS}
+        fields = {k: v for k, v in batch.items() if v.ndim == 1}
         for who, e in (("learner", learner), ("reference", reference)):
             if e is not None and e.image_norm is not None:
                 fields[f"{who}_image_norm"] = e.image_norm
@@ -188,11 +183,18 @@ class Scorer:
             learner = self.embed_learner(params, batch, norms=norms)
             ref = (self.reference.embed(reference_input, batch, norms=norms)
                    if spec.needs_reference else None)
+            embedded = [learner.image, learner.text] + ([ref.image, ref.text] if ref else [])
+            chex.assert_rank(embedded, 2)
+            chex.assert_type(embedded, float)
+            chex.assert_axis_dimension(learner.image, 0, spec.num_candidates)
+            chex.assert_equal_shape_prefix(embedded, 1)
             context = self.context(batch, step, learner, ref)
             idx, used = spec.method(select_key, self.scores(learner, ref, context))
             if used is not None:
                 ok = selection.scores_ok(used)
             metrics.update(self._diagnostics(random_key, idx, learner, ref, context))
+        chex.assert_shape(idx, (spec.num_select,))
+        chex.assert_type(idx, int)
         if "is_clean" in batch:
             metrics["selection/clean_super"] = jnp.mean(batch["is_clean"].astype(jnp.float32))
         return idx, metrics, ok

@@ -96,7 +96,7 @@ class DenseScores:
 
     def __init__(self, matrix: jax.Array):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"joint_select needs a square score matrix f[N, N], got shape "
+            raise ValueError(f"dense scores need a square score matrix f[N, N], got shape "
                              f"{matrix.shape}")
         self.matrix = matrix
         self.num_candidates = matrix.shape[0]
@@ -172,6 +172,8 @@ def _blocked_sample(key: jax.Array, scores: Scores, num_select: int, num_chunks:
     `conditionals[k, i] = S_ii + Σ_{j chosen in chunks < k} (S_ji + S_ij)`.
     """
     diag = scores.diagonal()
+    chex.assert_rank(diag, 1)
+    chex.assert_type(diag, float)
     n = diag.shape[0]
     check_sizes(n, num_select, num_chunks)
     m = num_select // num_chunks

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jest_jax import faults, sharding
+from jest_jax.faults import FaultPolicy
 from jest_jax.losses import Loss
 from jest_jax.models import Model
 from jest_jax.optimizer import Optimizer
@@ -63,14 +64,15 @@ def batch_loss(model: Model, loss: Loss, mesh: jax.sharding.Mesh, params: dict,
 
 
 def make_train_step(model: Model, optimizer: Optimizer, loss: Loss, mesh: jax.sharding.Mesh,
-                    scorer: Scorer | None = None, guard: str = "stop") -> Step:
+                    scorer: Scorer | None = None, guard: FaultPolicy | None = None) -> Step:
     """The pure train step `(state, batch, reference) -> (state, metrics, health)`.
 
     With `scorer`, `batch` is the super-batch: the step selects from it (with the key of
     its step, so a resumed run selects the same) and updates on the selection;
-    `reference` is the reference source's step input. `guard` is the non-finite policy
-    (`faults.apply_policy`).
+    `reference` is the reference source's step input. `guard` says what a non-finite step
+    does (`faults.apply_policy`; default: the run stops).
     """
+    guard = guard or FaultPolicy()
     batch_sharding = sharding.batch_sharding(mesh)
 
     def step(state: State, batch: dict[str, jax.Array], reference: Any

@@ -48,7 +48,7 @@ def train_data(run: build.Run):
                              process_index=jax.process_index(),
                              process_count=jax.process_count(),
                              num_threads=spec.data.num_threads,
-                             bad_records=spec.faults.bad_records)
+                             skip_bad_records=spec.faults.skip_bad_records)
     except ValueError as e:
         why = (f" (with selection each step draws a super-batch of N = batch_size / "
                f"(1 - selection.filter_ratio) = {draw})" if scorer else "")
@@ -56,7 +56,7 @@ def train_data(run: build.Run):
 
 
 class _Training:
-    """A run training in its workdir: what the loop keeps between steps, and reports."""
+    """A run training in its workdir: the loop, and what it keeps between steps."""
 
     def __init__(self, run: build.Run, workdir: str, checkpointer: Checkpointer):
         self.run, self.workdir, self.ckpt = run, workdir, checkpointer
@@ -82,27 +82,61 @@ class _Training:
         self.writer = MetricWriter(workdir, self.spec.logging.tensorboard)
         self.writer.truncate_after(self.start)  # rows a crashed run logged after its checkpoint
         self.progress = log.Progress(self.spec.total_steps, self.start)
-        self.flops_per_step = float("nan")
 
     def next_batch(self) -> tuple[dict, jax.Array]:
         """The next global batch, and how many bad records were passed over to fill it."""
         batch = sharding.to_global(next(self.data), self.run.mesh)
         return batch, batch.pop("bad_records")
 
-    def compile(self, batch: dict) -> None:
-        """Compile the step for `batch` and read its FLOPs (one device's program, run on
-        every device of the mesh)."""
-        step = self.run.wired.step
-        compiled = step.lower(self.state, batch, self.run.wired.reference.step_input).compile()
-        self.flops_per_step = compiled_flops(compiled) * self.run.mesh.size
+    def run_loop(self, stop_at_step: int | None,
+                 preemption: faults.Preemption) -> dict[str, float]:
+        """Train from `start` to the end (or to `stop_at_step`, or a preemption); the
+        results of the last evaluation."""
+        total, step_fn = self.spec.total_steps, self.run.wired.step
+        reference = self.run.wired.reference.step_input
+        if self.start >= total:
+            log.info(f"already trained to step {self.start}; evaluating the final checkpoint")
+            return self.run.evaluator.run(self.state["params"], self.start)
+        batch, bad = self.next_batch()
+        # XLA reports one device's program; the run executes it on every device.
+        flops = compiled_flops(step_fn.lower(self.state, batch, reference).compile())
+        flops *= self.run.mesh.size
+        if self.owes_evaluation():
+            self.evaluate(self.start)
+        results: dict[str, float] = {}
+        pending: tuple | None = None
+        for step in range(self.start + 1, total + 1):
+            self.state, metrics, health = step_fn(self.state, batch, reference)
+            if pending is not None:  # fetched a step late: the device is already busy
+                self.report(*pending)
+            pending = (step, metrics, health, bad, flops)
+            final, stopping = step == total, step == stop_at_step
+            preempted = preemption.reached(step, self.ckpt.reached_preemption)
+            if self.spec.checkpoint.due(step) or final or stopping or preempted:
+                self.report(*pending)  # never checkpoint a step that was not checked
+                pending = None
+                self.save(step)
+            if preempted and not final:
+                log.info(f"preempted: stopped after step {step} and wrote its checkpoint in "
+                         f"{self.ckpt.directory}; re-run the same command to resume")
+                break
+            if self.spec.evals.due(step) or final:
+                results = self.evaluate(step)
+            if stopping and not final:
+                log.info(f"stopping at step {step} (stop_at_step); re-run to resume")
+                break
+            if not final:
+                batch, bad = self.next_batch()
+        return results
 
-    def report(self, step: int, metrics: dict, health: faults.Health, bad: jax.Array) -> None:
+    def report(self, step: int, metrics: dict, health: faults.Health, bad: jax.Array,
+               flops_per_step: float) -> None:
         """Check a step's health and log its metrics (fetched a step late)."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         failed = jax.device_get(health).failed()
         self.counters["bad_records"] += int(bad.sum())
         if failed:
-            if self.spec.faults.nonfinite == "stop":
+            if self.spec.faults.stop_on_nonfinite:
                 kept = (f"the last good checkpoint (step {self.last_good}) is kept in "
                         f"{self.ckpt.directory}" if self.last_good is not None
                         else "no checkpoint was written")
@@ -119,7 +153,7 @@ class _Training:
                 shown["clean"] = host["selection/clean_selected"]
             self.progress.update(step, shown)
             self.writer.write(step, {**host, "steps_per_sec": self.progress.steps_per_sec,
-                                     "flops": self.flops_per_step * step,
+                                     "flops": flops_per_step * step,
                                      "faults/skipped_steps": self.counters["skipped_steps"],
                                      "data/bad_records": self.counters["bad_records"]})
 
@@ -154,48 +188,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
            preemption: faults.Preemption) -> dict[str, float]:
     run = build.build(config)  # before the checkpointer: a bad reference must not create it
     faults.check_writable(workdir)  # before anything is trained, not at the first save
-    t = _Training(run, workdir, Checkpointer(workdir, run.spec.checkpoint.max_to_keep,
-                                             owner=True))
-    total, step_fn, ref = run.spec.total_steps, run.wired.step, run.wired.reference.step_input
-    results: dict[str, float] = {}
-    pending: tuple[int, dict, faults.Health, jax.Array] | None = None
-    batch, bad = None, None
+    training = _Training(run, workdir, Checkpointer(workdir, run.spec.checkpoint.max_to_keep,
+                                                    owner=True))
     try:
-        if t.start < total:
-            batch, bad = t.next_batch()
-            t.compile(batch)
-        if t.owes_evaluation():
-            t.evaluate(t.start)
-        for step in range(t.start + 1, total + 1):
-            t.state, metrics, health = step_fn(t.state, batch, ref)
-            if pending is not None:  # fetched a step late: the device is already busy
-                t.report(*pending)
-            pending = (step, metrics, health, bad)
-            final, stopping = step == total, step == stop_at_step
-            preempted = preemption.reached(step, t.ckpt.reached_preemption)
-            if run.spec.checkpoint.due(step) or final or stopping or preempted:
-                t.report(*pending)  # never checkpoint a step that was not checked
-                pending = None
-                t.save(step)
-            if preempted and not final:
-                log.info(f"preempted: stopped after step {step} and wrote its checkpoint in "
-                         f"{t.ckpt.directory}; re-run the same command to resume")
-                break
-            if run.spec.evals.due(step) or final:
-                results = t.evaluate(step)
-            if stopping and not final:
-                log.info(f"stopping at step {step} (stop_at_step); re-run to resume")
-                break
-            if not final:
-                batch, bad = t.next_batch()
-        if t.start >= total:
-            log.info(f"already trained to step {t.start}; evaluating the final checkpoint")
-            results = run.evaluator.run(t.state["params"], t.start)
+        results = training.run_loop(stop_at_step, preemption)
     finally:
-        t.close()
+        training.close()
     if results and jax.process_index() == 0:
         write_json(os.path.join(workdir, "final_metrics.json"),
-                   {"step": int(t.state["step"]), **results})
+                   {"step": int(training.state["step"]), **results})
     return results
 
 

@@ -25,7 +25,7 @@ RGB = {"red": (220, 30, 30), "green": (40, 180, 50), "blue": (40, 70, 225),
 @dataclasses.dataclass(frozen=True)
 class ToyPairs:
     """`num_examples` synthetic pairs from `seed`: a coloured square on noise, captioned
-    with its colour and position; `label` is the colour, `quality` a float score."""
+    with its number, colour and position; `label` is the colour, `quality` a float."""
 
     num_examples: int
     seed: int
@@ -69,7 +69,10 @@ class ToyPool:
         image[top:top + size // 2, left:left + size // 2] = RGB[COLORS[label]]
         where = ("top" if top < size // 4 else "bottom") + (" left" if left < size // 4
                                                             else " right")
-        return {"image": image, "caption": f"a {COLORS[label]} square at the {where}",
+        # Numbered first, so that captions stay distinct after truncation to text_len
+        # (retrieval then has a single right answer per image: no ties).
+        return {"image": image, "caption": f"pair {index}: a {COLORS[label]} square at the "
+                                           f"{where}",
                 "label": np.int64(label), "quality": np.float32(rng.uniform())}
 
     def class_names(self, feature: str) -> list[str] | None:

@@ -107,7 +107,7 @@ def test_error_policy_names_the_first_bad_record(planted):
     source, _ = load_split("planted", "train", planted)
     first = next(r for r in _stream_order(seed=3, positions=POOL) if r in BAD)
     it = iter(train_dataset(source, _preprocess(), batch_size=BATCH, seed=3, num_threads=0,
-                            bad_records="error"))
+                            skip_bad_records=False))
     with pytest.raises(BadRecordError, match=rf"record {first} of the training pool is bad: "
                                              rf".*{BAD[first][1]}.*faults.bad_records='skip'"):
         for _ in range(POOL // BATCH):

@@ -17,11 +17,15 @@ def design_layers() -> dict[str, int]:
     """Module (relative to jest_jax, "data.sources") → layer, from docs/design.md."""
     with open(os.path.join(ROOT, "docs", "design.md")) as f:
         block = re.search(r"```layers\n(.*?)```", f.read(), re.S).group(1)
-    layers = {}
+    layers, rank = {}, None
     for line in block.strip().splitlines():
-        rank, _, rest = line.partition(" ")
-        for module in rest.partition(":")[2].split():
-            layers[module] = int(rank)
+        if line[:1].isspace():  # continues the layer above
+            names = line.split()
+        else:
+            first, _, rest = line.partition(" ")
+            rank, names = int(first), rest.partition(":")[2].split()
+        for module in names:
+            layers[module] = rank
     return layers
 
 

@@ -129,12 +129,13 @@ def train_dataset(
     process_count: int = 1,
     num_threads: int = 2,
     attach: Callable[[int], dict[str, np.ndarray]] | None = None,
-    bad_records: str = "skip",
+    skip_bad_records: bool = True,
 ) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled each epoch) batches of this process's share.
 
     `attach(record_index)` adds per-example arrays (e.g. cached reference embeddings).
-    Bad records are replaced by the next good one, or raise (`records.SkipBad`); each
+    Bad records are replaced by the next good one, or raise with `skip_bad_records=False`
+    (`records.SkipBad`); each
     example's `bad_records` is 1 where the record at its place was bad.
     """
     if len(source) < batch_size:
@@ -149,7 +150,7 @@ def train_dataset(
     ds = (
         grain.MapDataset.range(sys.maxsize)
         .map(_GlobalPosition(order, batch_size, local, process_index))
-        .map(SkipBad(_Load(source, preprocess), len(source), bad_records))
+        .map(SkipBad(_Load(source, preprocess), len(source), skip_bad_records))
     )
     if attach is not None:  # outside SkipBad: a failing cache read is an error, not bad data
         ds = ds.map(_Attach(attach))

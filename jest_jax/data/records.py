@@ -54,12 +54,12 @@ class SkipBad:
     pool size): a pure function of r, so every process, thread and resumed run makes
     the same choice and batches stay full. `load(r)` reads and preprocesses record r
     (raising for a bad one); the example gets `bad_records`: 1 if record r was bad.
-    With `policy="error"` the first bad record raises BadRecordError instead.
+    With `skip=False` the first bad record raises BadRecordError instead.
     """
 
-    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], size: int, policy: str,
+    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], size: int, skip: bool,
                  pool: str = "the training pool"):
-        self.load, self.size, self.policy, self.pool = load, size, policy, pool
+        self.load, self.size, self.skip, self.pool = load, size, skip, pool
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         why, tries = "", min(MAX_CONSECUTIVE_BAD, self.size)
@@ -69,7 +69,7 @@ class SkipBad:
                 example = self.load(record)
             except Exception as e:  # a data source or decoder may raise anything
                 why = reason(e)
-                if self.policy == "error":
+                if not self.skip:
                     raise BadRecordError(
                         f"record {record} of {self.pool} is bad: {why} (set "
                         "config.faults.bad_records='skip' to skip bad records)") from e

@@ -1,4 +1,5 @@
-"""Data sources: where a pool of image–caption records comes from (docs/design.md, "Data source").
+"""Data sources: where a pool of image–caption records comes from (docs/design.md §4,
+"Data source").
 
 Every pool in a config (`data.train`, each evaluator's `data`) is a group whose `source`
 names a registered `DataSource` class (or `"package.module:Class"`); the class owns the
@@ -61,7 +62,8 @@ class DataSource(Protocol):
         """What names this data: equal identities mean the same records (caches use it)."""
 
 
-REGISTRY: Registry[type[DataSource]] = Registry("data source", "Class")
+REGISTRY: Registry[type[DataSource]] = Registry(
+    "data source", "Class", needs=("defaults", "from_config", "open", "identity"))
 
 
 def pool(name: str = "jest_shapes", split: str = "curated", data_dir: str = DATA_DIR) -> dict:
