@@ -29,16 +29,6 @@ from jest_jax import step as step_lib
 from jest_jax.checkpoint import CheckpointError
 from jest_jax.metrics import read_metrics
 
-# A restore that fails on a damaged checkpoint abandons orbax's pending per-array reads; they
-# are reported when garbage-collected, often during a later test. Expected, not a leak of
-# state: the corrupted-checkpoint test shows the run resumes bitwise.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object "
-                               "_read_array_index_and_device_put:"
-                               "pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore:Exception ignored in. None:"
-                               "pytest.PytestUnraisableExceptionWarning"),
-]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 18  # "2k": interruption points k are drawn from a seeded generator below it
 PROGRESS = re.compile(r"^\[\s*(\d+)/\d+\]")

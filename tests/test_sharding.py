@@ -207,7 +207,7 @@ N, b, D = 256, 64, 16
 x = jax.ShapeDtypeStruct((N, D), jnp.float32, sharding=NamedSharding(mesh, P("data")))
 out = {}
 for implementation in ("dense", "matrix_free"):
-    spec = scoring.SelectionSpec(method_name="joint", method=methods.Joint(b, 4, 1.0),
+    spec = scoring.SelectionSpec(method=methods.Joint(b, 4, 1.0),
                                  criterion=criteria.bind("learnability"), num_select=b,
                                  num_candidates=N, implementation=implementation)
     scorer = scoring.Scorer(spec, 0, None, None, sharding.rows_sharding(mesh))
