@@ -28,8 +28,8 @@ class CheckpointError(RuntimeError):
 class CheckpointSpec:
     """`config.checkpoint`: how often the run is saved, and how many saves are kept."""
 
-    every_steps: int = 100
-    max_to_keep: int = 3
+    every_steps: int
+    max_to_keep: int
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

@@ -121,7 +121,7 @@ class ZeroShot:
     name: str
     data: sources.DataSource
     label_keys: tuple[str, ...]
-    templates: tuple[str, ...] = ()
+    templates: tuple[str, ...]
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -171,10 +171,10 @@ class ZeroShot:
 class EvalSpec:
     """`config.evals`: when to evaluate, how, and the tasks."""
 
-    every_steps: int = 100
-    batch_size: int = 256
-    max_examples: int = -1
-    tasks: tuple[Evaluator, ...] = ()
+    every_steps: int
+    batch_size: int
+    max_examples: int
+    tasks: tuple[Evaluator, ...]
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

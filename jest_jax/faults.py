@@ -33,8 +33,8 @@ class WorkdirError(OSError):
 class FaultPolicy:
     """`config.faults`: what a run does about NaN/Inf and about bad training records."""
 
-    nonfinite: str = "stop"
-    bad_records: str = "skip"
+    nonfinite: str
+    bad_records: str
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

@@ -174,8 +174,8 @@ def softmax_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array) -> 
 class Loss:
     """`config.loss`: which contrastive loss a batch trains on, and how it is computed."""
 
-    name: str = "sigmoid"
-    implementation: str = "dense"
+    name: str
+    implementation: str
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

@@ -20,8 +20,8 @@ from jest_jax.files import write_atomically
 class LoggingSpec:
     """`config.logging`: how often a training row is logged, and where to."""
 
-    every_steps: int = 10
-    tensorboard: bool = True
+    every_steps: int
+    tensorboard: bool
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

@@ -28,12 +28,12 @@ class Optimizer:
     """
 
     total_steps: int
-    learning_rate: float = 1e-3
-    warmup_fraction: float = 0.05
-    b1: float = 0.9
-    b2: float = 0.95
-    weight_decay: float = 1e-4
-    clip_norm: float = 1.0
+    learning_rate: float
+    warmup_fraction: float
+    b1: float
+    b2: float
+    weight_decay: float
+    clip_norm: float
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

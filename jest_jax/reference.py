@@ -61,9 +61,9 @@ class ReferenceSource(Protocol):
 class ReferenceSpec:
     """`config.selection.reference`: which reference, if the selection needs one."""
 
-    workdir: str = ""
-    cache_dir: str = ""
-    needed: bool = False
+    workdir: str
+    cache_dir: str
+    needed: bool
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

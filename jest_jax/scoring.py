@@ -53,8 +53,8 @@ class SelectionSpec:
     criterion: criteria.Bound
     num_select: int
     num_candidates: int
-    implementation: str = "dense"
-    score_patch_size: int | None = None
+    implementation: str                 # dense | matrix_free ("auto" resolved)
+    score_patch_size: int | None = None  # None: the learner's own patch size
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

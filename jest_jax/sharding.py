@@ -91,9 +91,9 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int]) -> Mesh:
 class MeshSpec:
     """`config.mesh`: named device axes and the rules that place parameters on them."""
 
-    axes: tuple[str, ...] = ("data",)
-    shape: tuple[int, ...] = (-1,)
-    rules: tuple[Any, ...] = ((".*", "replicate"),)
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    rules: tuple[Any, ...]
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

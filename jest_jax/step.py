@@ -70,9 +70,8 @@ def make_train_step(model: Model, optimizer: Optimizer, loss: Loss, mesh: jax.sh
     With `scorer`, `batch` is the super-batch: the step selects from it (with the key of
     its step, so a resumed run selects the same) and updates on the selection;
     `reference` is the reference source's step input. `guard` says what a non-finite step
-    does (`faults.apply_policy`; default: the run stops).
+    does (`faults.apply_policy`); without one the new state is kept and the loop decides.
     """
-    guard = guard or FaultPolicy()
     batch_sharding = sharding.batch_sharding(mesh)
 
     def step(state: State, batch: dict[str, jax.Array], reference: Any
@@ -101,7 +100,9 @@ def make_train_step(model: Model, optimizer: Optimizer, loss: Loss, mesh: jax.sh
         })
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         health = faults.check(scores_ok, value, grad_norm, new)
-        return faults.apply_policy(guard, health, new, state), metrics, health
+        if guard is not None:
+            new = faults.apply_policy(guard, health, new, state)
+        return new, metrics, health
 
     return step
 

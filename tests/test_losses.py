@@ -138,8 +138,8 @@ class LossKernelVariants(chex.TestCase):
     def test_batch_losses_match_numpy(self):
         img, txt, t, b = _case(16, 8, seed=4)
         e = losses.Embeddings(*_f32(img, txt, t, b))
-        sigmoid = self.variant(lambda e: losses.Loss("sigmoid")(e, None))
-        softmax = self.variant(lambda e: losses.Loss("softmax")(e, None))
+        sigmoid = self.variant(lambda e: losses.Loss("sigmoid", "dense")(e, None))
+        softmax = self.variant(lambda e: losses.Loss("softmax", "dense")(e, None))
         np.testing.assert_allclose(sigmoid(e), _pair_losses_np(img, txt, t, b).sum() / 16,
                                    rtol=1e-5)
         np.testing.assert_allclose(softmax(e), _softmax_loss_np(img, txt, t), rtol=1e-5)

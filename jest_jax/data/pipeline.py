@@ -32,11 +32,11 @@ class DataSpec:
     """`config.data`: the training pool and how every record becomes model inputs."""
 
     train: sources.DataSource
-    image_size: int = 32
-    text_len: int = 32
-    tokenizer: str = BYTES
-    num_threads: int = 2
-    max_caption_bytes: int = 1024
+    image_size: int
+    text_len: int
+    tokenizer: str
+    num_threads: int
+    max_caption_bytes: int
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:

@@ -29,15 +29,15 @@ class ModelSpec:
 
     image_size: int
     text_len: int
-    image_variant: str = "tiny"
-    text_variant: str = "tiny"
-    patch_size: int = 4
-    image_pool: str = "gap"
-    embed_dim: int = 128
-    dtype: str = "float32"
-    remat: bool = False
-    temperature_init: float = 10.0
-    bias_init: float = -10.0
+    image_variant: str
+    text_variant: str
+    patch_size: int
+    image_pool: str
+    embed_dim: int
+    dtype: str
+    remat: bool
+    temperature_init: float
+    bias_init: float
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -94,7 +94,8 @@ class Model:
     def __init__(self, spec: ModelSpec, vocab_size: int):
         self.spec, self.vocab_size = spec, vocab_size
         abstract = nnx.eval_shape(lambda: spec.create(vocab_size, nnx.Rngs(0)))
-        self.graphdef, _ = nnx.split(abstract, nnx.Param)
+        self.graphdef, params = nnx.split(abstract, nnx.Param)
+        self._abstract_params = params.to_pure_dict()
 
     def init(self, key: jax.Array) -> dict:
         """Fresh params (a pure dict) from `key`."""
@@ -102,8 +103,8 @@ class Model:
                          nnx.Param).to_pure_dict()
 
     def abstract_params(self) -> dict:
-        """ShapeDtypeStructs of the params."""
-        return jax.eval_shape(self.init, jax.random.key(0))
+        """ShapeDtypeStructs of the params (no array is made)."""
+        return self._abstract_params
 
     def embed_images(self, params: dict, images: jax.Array, patch_size: int | None = None,
                      norms: bool = False):
