@@ -101,6 +101,8 @@ class _Training:
         # XLA reports one device's program; the run executes it on every device.
         flops = compiled_flops(step_fn.lower(self.state, batch, reference).compile())
         flops *= self.run.mesh.size
+        # Start the first step together: the processes compiled it at their own pace.
+        sharding.sync_processes(f"jest_jax: step {self.start} compiled")
         if self.owes_evaluation():
             self.evaluate(self.start)
         results: dict[str, float] = {}
