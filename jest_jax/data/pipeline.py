@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from jest_jax.data import sources
-from jest_jax.data.records import BadRecordError, SkipBad, problem, reason
+from jest_jax.data.records import BadRecordError, SkipBad, decode_image, problem, reason
 from jest_jax.data.tokenizer import BYTES, Tokenizer, make_tokenizer
 from jest_jax.fields import Section
 
@@ -81,8 +81,9 @@ class Preprocess:
     """Record → model inputs: uint8 image at `image_size`, int32 tokens, record index.
 
     Scalar numeric fields (labels, `is_clean`, scores, …) are kept for evaluation,
-    diagnostics and criteria. Images stay uint8 on the host; normalisation happens on device.
-    A bad record (`records.problem`) raises BadRecordError.
+    diagnostics and criteria. An image may be a decoded array or encoded bytes (JPEG,
+    PNG, WebP: `records.decode_image`). Images stay uint8 on the host; normalisation
+    happens on device. A bad record (`records.problem`) raises BadRecordError.
     """
 
     def __init__(self, image_size: int, tokenizer: Tokenizer, text_len: int,
@@ -93,6 +94,7 @@ class Preprocess:
         self.max_caption_bytes = max_caption_bytes
 
     def __call__(self, record: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
+        record = {**record, "image": decode_image(record["image"], self.image_size)}
         why = problem(record, self.max_caption_bytes)
         if why is not None:
             raise BadRecordError(why)
