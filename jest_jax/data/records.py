@@ -61,8 +61,9 @@ def decode_image(value: Any, min_size: int | None = None) -> np.ndarray:
                              f"decode as {'/'.join(ENCODINGS)}: {type(e).__name__}: {e}") from e
 
 
-def problem(record: Mapping[str, Any], max_caption_bytes: int | None) -> str | None:
-    """Why `record` cannot be trained on, or None if it can."""
+def problem(record: Mapping[str, Any], max_caption_bytes: int | None,
+            needs_caption: bool = True) -> str | None:
+    """Why `record` cannot be trained on (or, `needs_caption=False`, classified), or None."""
     image = np.asarray(record["image"])
     if image.dtype != np.uint8:
         return f"image dtype is {image.dtype}, expected uint8"
@@ -70,6 +71,8 @@ def problem(record: Mapping[str, Any], max_caption_bytes: int | None) -> str | N
     if not shape_ok or 0 in image.shape:
         return (f"image shape is {image.shape}, expected [H, W] or [H, W, C] with C in "
                 f"{CHANNELS} and H, W > 0")
+    if not needs_caption:
+        return None
     caption = record["caption"]
     raw = caption.encode("utf-8") if isinstance(caption, str) else bytes(caption)
     if not raw.strip():
