@@ -39,9 +39,9 @@ def decode_image(value: Any, min_size: int | None = None) -> np.ndarray:
     through; encoded bytes (one of ENCODINGS, as a converter stores the original files)
     are decoded here, in the input pipeline's workers.
 
-    `min_size`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
-    much faster) as long as both sides stay >= `min_size`; the pipeline resizes to that
-    size anyway. Bytes that do not decode raise BadRecordError (a bad record).
+    `min_size`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling:
+    4-64x fewer pixels) as long as both sides stay >= `min_size`; the pipeline resizes
+    to that size anyway. Bytes that do not decode raise BadRecordError (a bad record).
     """
     if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
         value = value.item()
