@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
-from typing import ClassVar
 
 from etils import epath
 
@@ -69,15 +68,14 @@ class TextList:
     value: tuple[str, ...]
     field: str
     templates: bool
-    KINDS: ClassVar[tuple[str, ...]] = ("dataset", "set", "file", "inline")
 
     @classmethod
     def parse(cls, section: Section, name: str, templates: bool) -> TextList:
         """Validate field `name` of `section` (no I/O): ConfigError naming it. An absent
         field is the dataset's own (tasks written before the field existed)."""
         value = section.node[name] if name in section.node else ()
-        value = (value,) if isinstance(value, str) and value else value
-        value = () if value == "" else value
+        if isinstance(value, str):  # one entry (as the command line gives it); "": none
+            value = (value,) if value else ()
         section.check(isinstance(value, tuple | list) and all(
             isinstance(v, str) and v.strip() for v in value), name, value,
             "must be a list of non-empty strings")
