@@ -15,7 +15,7 @@ from jest_jax.checkpoint import Checkpointer
 from jest_jax.data import sources
 from jest_jax.data.pipeline import train_dataset
 from jest_jax.files import write_atomically, write_json
-from jest_jax.metrics import MetricWriter, compiled_flops, read_metrics
+from jest_jax.metrics import DataWait, MetricWriter, compiled_flops, read_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,10 +82,11 @@ class _Training:
         self.writer = MetricWriter(workdir, self.spec.logging.tensorboard)
         self.writer.truncate_after(self.start)  # rows a crashed run logged after its checkpoint
         self.progress = log.Progress(self.spec.total_steps, self.start)
+        self.data_wait = DataWait()
 
     def next_batch(self) -> tuple[dict, jax.Array]:
         """The next global batch, and how many bad records were passed over to fill it."""
-        batch = sharding.to_global(next(self.data), self.run.mesh)
+        batch = sharding.to_global(self.data_wait.next(self.data), self.run.mesh)
         return batch, batch.pop("bad_records")
 
     def run_loop(self, stop_at_step: int | None,
@@ -105,6 +106,7 @@ class _Training:
         sharding.sync_processes(f"jest_jax: step {self.start} compiled")
         if self.owes_evaluation():
             self.evaluate(self.start)
+        self.data_wait.restart()  # not the set-up, compilation and owed evaluation
         results: dict[str, float] = {}
         pending: tuple | None = None
         for step in range(self.start + 1, total + 1):
@@ -155,6 +157,7 @@ class _Training:
                 shown["clean"] = host["selection/clean_selected"]
             self.progress.update(step, shown)
             self.writer.write(step, {**host, "steps_per_sec": self.progress.steps_per_sec,
+                                     "data_wait": self.data_wait.fraction(),
                                      "flops": flops_per_step * step,
                                      "faults/skipped_steps": self.counters["skipped_steps"],
                                      "data/bad_records": self.counters["bad_records"]})
@@ -165,6 +168,7 @@ class _Training:
         log.info(f"[{step:>6}/{self.spec.total_steps}] eval " +
                  " ".join(f"{k}={v:.3f}" for k, v in out.items()))
         self.progress.restart_clock(step)
+        self.data_wait.restart()
         return out
 
     def owes_evaluation(self) -> bool:
@@ -180,6 +184,7 @@ class _Training:
         self.ckpt.save(step, self.state, self.data, dict(self.counters))
         self.last_good = step
         self.progress.restart_clock(step)
+        self.data_wait.restart()
 
     def close(self) -> None:
         self.ckpt.close()

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from jest_jax.data import sources
-from jest_jax.data.records import BadRecordError, SkipBad, problem, reason
+from jest_jax.data.records import BadRecordError, SkipBad, decode_image, problem, reason
 from jest_jax.data.tokenizer import BYTES, Tokenizer, make_tokenizer
 from jest_jax.fields import Section
 
@@ -81,26 +81,34 @@ class Preprocess:
     """Record → model inputs: uint8 image at `image_size`, int32 tokens, record index.
 
     Scalar numeric fields (labels, `is_clean`, scores, …) are kept for evaluation,
-    diagnostics and criteria. Images stay uint8 on the host; normalisation happens on device.
-    A bad record (`records.problem`) raises BadRecordError.
+    diagnostics and criteria. An image may be a decoded array or encoded bytes (JPEG,
+    PNG, WebP: `records.decode_image`). Images stay uint8 on the host; normalisation
+    happens on device. A bad record (`records.problem`) raises BadRecordError.
     """
 
     def __init__(self, image_size: int, tokenizer: Tokenizer, text_len: int,
-                 max_caption_bytes: int | None = None):
+                 max_caption_bytes: int | None = None, captions: bool = True):
         self.image_size = image_size
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.max_caption_bytes = max_caption_bytes
+        self.captions = captions
+
+    def without_captions(self) -> Preprocess:
+        """For splits with images and labels only (zero-shot, probes): no `tokens`."""
+        return Preprocess(self.image_size, self.tokenizer, self.text_len, captions=False)
 
     def __call__(self, record: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
-        why = problem(record, self.max_caption_bytes)
+        record = {**record, "image": decode_image(record["image"], self.image_size)}
+        why = problem(record, self.max_caption_bytes, self.captions)
         if why is not None:
             raise BadRecordError(why)
         out = {
             "image": self._image(np.asarray(record["image"])),
-            "tokens": self.tokenizer.encode(record["caption"], self.text_len),
             "index": np.int32(index),  # int32: JAX arrays default to 32 bits
         }
+        if self.captions:
+            out["tokens"] = self.tokenizer.encode(record["caption"], self.text_len)
         for key, value in record.items():
             value = np.asarray(value)
             if key not in _SKIP and value.ndim == 0 and value.dtype.kind in "biuf":
