@@ -221,3 +221,27 @@ def test_published_variants_are_selectable():
         assert fields["patch_size"] == int(patch)
         assert fields["embed_dim"] == VARIANTS[size]["width"]
         assert not fields["image_head"] and fields["text_pool"] == "last"
+
+
+# Parameter counts of the published SigLIP checkpoints with the c4-en 32k vocabulary
+# (B/16 203M, L/16 652M, So400m/14 878M): the variants have their sizes.
+PUBLISHED_PARAMS_M = {"B/16": 203.2, "L/16": 652.1, "So400m/14": 877.4}
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED_PARAMS_M))
+def test_siglip_config_builds_the_published_sizes(variant):
+    import jax
+
+    from conftest import load_config
+    from jest_jax import config as config_lib
+    from jest_jax.models import Model
+
+    for role in ("finetune", "jest"):
+        c = load_config("siglip.py", f"role={role},variant={variant},checkpoint=x.npz,"
+                                     "tokenizer=x.model")
+        spec = config_lib.validate(c, check_files=False)
+        params = Model(spec.model, vocab_size=32_000).abstract_params()
+        count = sum(x.size for x in jax.tree.leaves(params)) / 1e6
+        assert count == pytest.approx(PUBLISHED_PARAMS_M[variant], rel=0.005)
+        assert (spec.model.init_from, spec.reference.checkpoint) == (
+            ("x.npz", "") if role == "finetune" else ("", "x.npz"))
