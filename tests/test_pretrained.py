@@ -250,3 +250,47 @@ def test_siglip_config_builds_the_published_sizes(variant):
         "x.npz", variant)
     assert specs["jest"].model == dataclasses.replace(specs["finetune"].model, init_from="",
                                                               init_resize_posemb=False)
+
+
+def test_embed_mode_with_a_workdir_checkpoint(reference_workdir, data_dir, tmp_path):
+    import json
+
+    import jax
+
+    from conftest import load_config
+    from jest_jax import config as config_lib
+    from jest_jax import train
+    from jest_jax.checkpoint import Checkpointer
+    from jest_jax.data import sources
+
+    config = load_config("smoke.py", "steps=10")
+    for pool in (config.data.train, config.evals.zero_shot.data, config.evals.retrieval.data):
+        pool.data_dir = data_dir
+    config.batch_size = config.evals.batch_size = 32
+    for bad, why in (("data.nope", "names no field"), ("data.image_size", "must name a pool")):
+        config.embed.pool = bad
+        with pytest.raises(ConfigError, match=rf"config.embed.pool='{bad}' is invalid: {why}"):
+            config_lib.validate(config)
+    config.embed.pool = "evals.retrieval.data"
+    out = tmp_path / "emb"
+    train.embed(config, reference_workdir, str(out))
+    meta = json.load(open(out / "meta.json"))
+    assert meta["model"] == f"step 10 of {os.path.realpath(reference_workdir)}"
+    assert meta["pool"] == "evals.retrieval.data" and meta["data"] == "jest_shapes/tiny:eval"
+    # The rows are the checkpoint's embeddings of the records, in order.
+    run = build.build(config, selection=False)
+    checkpointer = Checkpointer(reference_workdir)
+    try:
+        params = checkpointer.restore_params(run.state.abstract_params(), 10)
+    finally:
+        checkpointer.close()
+    pool = sources.open_pool(config, "evals.retrieval.data")
+    rows = [run.preprocess(pool[i], i) for i in (0, 5, len(pool) - 1)]
+    emb = run.model.embeddings(params, {k: np.stack([r[k] for r in rows])
+                                        for k in ("image", "tokens")})
+    image, text = np.load(out / "image.npy"), np.load(out / "text.npy")
+    assert len(image) == len(pool)
+    np.testing.assert_allclose(image[[0, 5, len(pool) - 1]], emb.image, atol=2e-6)
+    np.testing.assert_allclose(text[[0, 5, len(pool) - 1]], emb.text, atol=2e-6)
+    np.testing.assert_allclose(np.load(out / "logit_scale.npy"),
+                               np.exp(jax.device_get(params["log_temperature"])), rtol=1e-6)
