@@ -13,7 +13,7 @@ import numpy as np
 from jest_jax import build, faults, log, sharding
 from jest_jax import config as config_lib
 from jest_jax import reference as reference_lib
-from jest_jax.checkpoint import Checkpointer
+from jest_jax.checkpoint import Checkpointer, latest_step
 from jest_jax.data import sources
 from jest_jax.data.pipeline import train_dataset
 from jest_jax.embed import write_embeddings
@@ -240,17 +240,15 @@ def embed(config: ml_collections.ConfigDict, workdir: str | None, output: str) -
     checkpoint, used as it is); only the params are read.
     """
     run = build.build(config, selection=False)
-    step = None
-    if workdir:
+    step = latest_step(workdir) if workdir else None
+    if step is not None:
         checkpointer = Checkpointer(workdir)  # read-only: nothing is moved or removed
         try:
-            step = checkpointer.latest_step()
-            if step is not None:
-                params = checkpointer.restore_params(run.state.abstract_params(), step)
-                described = f"step {step} of {os.path.realpath(workdir)}"
+            params = checkpointer.restore_params(run.state.abstract_params(), step)
         finally:
             checkpointer.close()
-    if step is None:
+        described = f"step {step} of {os.path.realpath(workdir)}"
+    else:
         if not run.spec.model.init_from:
             where = f"{workdir} has no checkpoint" if workdir else "no --workdir was given"
             raise FileNotFoundError(f"nothing to embed with: {where} and config.model."

@@ -272,6 +272,10 @@ def test_embed_mode_with_a_workdir_checkpoint(reference_workdir, data_dir, tmp_p
         with pytest.raises(ConfigError, match=rf"config.embed.pool='{bad}' is invalid: {why}"):
             config_lib.validate(config)
     config.embed.pool = "evals.retrieval.data"
+    with pytest.raises(FileNotFoundError, match="nothing to embed with: .* has no checkpoint "
+                                                "and config.model.init_from is empty"):
+        train.embed(config, str(tmp_path / "empty"), str(tmp_path / "none"))
+    assert not os.path.exists(tmp_path / "empty") and not os.path.exists(tmp_path / "none")
     out = tmp_path / "emb"
     train.embed(config, reference_workdir, str(out))
     meta = json.load(open(out / "meta.json"))

@@ -154,7 +154,7 @@ class NpzCheckpoint:
         entries = self.check(model, fields, resize)
         out: dict = {}
         cached: tuple[str, np.ndarray] | None = None  # a stacked array serves every block
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.key):  # each array read once
             if cached is None or cached[0] != entry.key:
                 cached = (entry.key, self.read(entry.key))
             value = cached[1] if entry.layer is None else cached[1][entry.layer]
