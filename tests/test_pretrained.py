@@ -230,7 +230,7 @@ PUBLISHED_PARAMS_M = {"B/16": 203.2, "L/16": 652.1, "So400m/14": 877.4}
 
 
 # Building the abstract model of the large towers takes tens of seconds on 2 cores.
-# (L/16's towers are counted by tests/test_paper_configs.py.)
+# (L/16 is the paper config's L/16 less its image head, counted in test_paper_configs.py.)
 @pytest.mark.parametrize("variant", ["B/16", pytest.param("So400m/14", marks=pytest.mark.slow)])
 def test_siglip_config_builds_the_published_sizes(variant):
     import jax

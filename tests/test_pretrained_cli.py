@@ -29,11 +29,11 @@ from jest_jax.metrics import read_metrics
 TEXT_LEN = 12
 
 
-def _cli(args: list[str], data_dir: str) -> subprocess.CompletedProcess:
+def _cli(args: list[str], data_dir: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "JEST_DATA_DIR": data_dir}
     result = subprocess.run([sys.executable, "-m", "jest_jax.main", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == returncode, result.stderr[-3000:]
     return result
 
 
@@ -124,3 +124,17 @@ def test_learner_from_a_published_checkpoint_and_embed_mode(data_dir, tmp_path, 
     assert row["step"] == 1
     expected = sigmoid_loss(image[first], text[first], scale, bias)
     np.testing.assert_allclose(row["loss"], expected, rtol=1e-5)
+
+
+def test_a_reference_of_another_image_size_stops_the_cli(data_dir, tmp_path, siglip_files):
+    sp, npz, _ = siglip_files  # written for 16 px images
+    result = _cli(["--config", "configs/smoke.py:steps=2", *_common(sp),
+                   "--config.data.image_size=32", "--config.selection.method=joint",
+                   "--config.selection.filter_ratio=0.5",
+                   "--config.selection.reference.checkpoint=" + npz,
+                   "--config.selection.reference.variant=tiny/4",
+                   "--workdir", str(tmp_path / "run")], data_dir, returncode=1)
+    assert ("error: config.data.image_size=32 is invalid: config.selection.reference."
+            "checkpoint=") in result.stderr
+    assert "selection.reference.resize_posemb=True" in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
