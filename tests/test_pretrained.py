@@ -298,3 +298,13 @@ def test_embed_mode_with_a_workdir_checkpoint(reference_workdir, data_dir, tmp_p
     np.testing.assert_allclose(text[[0, 5, len(pool) - 1]], emb.text, atol=2e-6)
     np.testing.assert_allclose(np.load(out / "logit_scale.npy"),
                                np.exp(jax.device_get(params["log_temperature"])), rtol=1e-6)
+
+
+def test_a_headless_image_tower_needs_embed_dim_equal_to_its_width(tiny_config):
+    from jest_jax import config as config_lib
+
+    tiny_config.model.image_head = False
+    tiny_config.model.embed_dim = 32
+    with pytest.raises(ConfigError, match=r"config.model.embed_dim=32 is invalid: must be the "
+                                          r"image width 64 of image_variant='tiny'"):
+        config_lib.validate(tiny_config)

@@ -23,8 +23,11 @@ from bigvision_files import (
 
 from conftest import ROOT, load_config
 from jest_jax import build, train
+from jest_jax import config as config_lib
 from jest_jax.data import sources
+from jest_jax.fields import ConfigError
 from jest_jax.metrics import read_metrics
+from jest_jax.reference import ReferenceCache
 
 TEXT_LEN = 12
 
@@ -76,6 +79,16 @@ def test_jest_with_a_published_reference_cached_and_online(data_dir, tmp_path, s
     meta = json.load(open(tmp_path / "cache" / "meta.json"))
     assert meta["reference_checkpoint"]["variant"] == "tiny/4"
     _cli([*jest, cache, "--workdir", str(tmp_path / "cached")], data_dir)
+    # The cache serves this checkpoint, variant and resizing only.
+    config = load_config("smoke.py", "steps=2")
+    config.data.train.data_dir, config.data.train.split = data_dir, "raw"
+    config.data.tokenizer, config.data.text_style, config.data.text_len = sp, "siglip", TEXT_LEN
+    config.selection.method, config.selection.filter_ratio = "joint", 0.5
+    config.selection.reference.update(dict(checkpoint=npz, variant="tiny/4",
+                                           resize_posemb=True, cache_dir=str(tmp_path / "cache")))
+    spec = config_lib.validate(config)
+    with pytest.raises(ConfigError, match="was made with the reference .*re-create it"):
+        ReferenceCache(spec.reference, spec.data)
     online, cached = _losses(tmp_path / "online"), _losses(tmp_path / "cached")
     assert [r["step"] for r in online] == [1, 2]
     for a, b in zip(online, cached, strict=True):
