@@ -291,6 +291,15 @@ def placed(tree: Any, mesh: Mesh) -> Any:
                         else replicated(mesh), tree)
 
 
+def from_host(tree: Any, abstract: Any) -> Any:
+    """Host (NumPy) arrays, the same on every process, placed as `abstract`'s sharded
+    ShapeDtypeStructs say (each device takes its own slice)."""
+    return jax.tree.map(
+        lambda a, x: jax.make_array_from_callback(a.shape, a.sharding,
+                                                  lambda index: np.asarray(x[index], a.dtype)),
+        abstract, tree)
+
+
 def to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's slice of a batch → global `jax.Array`s sharded over the mesh."""
     sharding = batch_sharding(mesh)

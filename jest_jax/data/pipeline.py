@@ -21,8 +21,8 @@ from PIL import Image
 
 from jest_jax.data import sources
 from jest_jax.data.records import BadRecordError, SkipBad, decode_image, problem, reason
-from jest_jax.data.tokenizer import BYTES, Tokenizer, make_tokenizer
-from jest_jax.fields import Section
+from jest_jax.data.tokenizer import BYTES, TEXT_STYLES, Tokenizer, make_tokenizer
+from jest_jax.fields import ConfigError, Section
 
 _SKIP = ("image", "caption")
 
@@ -35,6 +35,7 @@ class DataSpec:
     image_size: int
     text_len: int
     tokenizer: str
+    text_style: str
     num_threads: int
     max_caption_bytes: int
 
@@ -45,6 +46,9 @@ class DataSpec:
         c.image_size = 32                # images are resized to this (square) on the host
         c.text_len = 32                  # tokens per caption, padded / truncated
         c.tokenizer = BYTES              # "bytes" or a path to a SentencePiece .model
+        c.text_style = "jest"            # jest | siglip | siglip2: ids, padding, EOS and
+        #                                  case as jest_jax, SigLIP or SigLIP 2 expect
+        #                                  (jest_jax/data/tokenizer.py, docs/pretrained.md)
         c.num_threads = 2                # grain reader threads per process
         c.max_caption_bytes = 1024       # a longer caption (UTF-8) is a bad record (see
         #                                  faults): web alt-text that long is markup or
@@ -60,21 +64,34 @@ class DataSpec:
         section.check(tokenizer == BYTES or (isinstance(tokenizer, str) and tokenizer and (
             not check_files or os.path.isfile(tokenizer))), "tokenizer", tokenizer,
             f"must be {BYTES!r} or the path of a SentencePiece .model file")
+        style = section.choice("text_style", TEXT_STYLES)
+        section.check(style == "jest" or tokenizer != BYTES, "text_style", style,
+                      f"needs data.tokenizer to be a SentencePiece model, not {BYTES!r}")
         return cls(train=train, image_size=section.integer("image_size", 1),
                    text_len=section.integer("text_len", 2), tokenizer=tokenizer,
+                   text_style=style,
                    num_threads=section.integer("num_threads", 0),
                    max_caption_bytes=section.integer("max_caption_bytes", 1))
 
     def preprocess(self, check_captions: bool = True) -> Preprocess:
         """Record → model inputs with this config's tokenizer; `check_captions=False` does
         not refuse over-long captions (the reference cache embeds the pool as it is)."""
-        return Preprocess(self.image_size, make_tokenizer(self.tokenizer), self.text_len,
+        return Preprocess(self.image_size, self.make_tokenizer(), self.text_len,
                           self.max_caption_bytes if check_captions else None)
+
+    def make_tokenizer(self) -> Tokenizer:
+        try:
+            return make_tokenizer(self.tokenizer, self.text_style)
+        except ValueError as e:
+            raise ConfigError(f"config.data.tokenizer={self.tokenizer!r}: {e}") from None
 
     def identity(self) -> dict[str, Any]:
         """The training pool and the preprocessing that turns it into inputs."""
-        return {**self.train.identity(), "image_size": self.image_size,
-                "text_len": self.text_len, "tokenizer": self.tokenizer}
+        identity = {**self.train.identity(), "image_size": self.image_size,
+                    "text_len": self.text_len, "tokenizer": self.tokenizer}
+        if self.text_style != "jest":  # so caches made before the field existed still match
+            identity["text_style"] = self.text_style
+        return identity
 
 
 class Preprocess:
