@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from bigvision_files import (
@@ -22,7 +23,7 @@ from bigvision_files import (
 )
 
 from conftest import ROOT, load_config
-from jest_jax import build, train
+from jest_jax import build, sharding, train
 from jest_jax import config as config_lib
 from jest_jax.data import sources
 from jest_jax.fields import ConfigError
@@ -95,6 +96,28 @@ def test_jest_with_a_published_reference_cached_and_online(data_dir, tmp_path, s
         for key in ("loss", "selection/score_selected", "selection/self_score_selected",
                     "selection/clean_selected"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+
+    # Index for index: the runs' first super-batch under three selection keys.
+    config.selection.reference.resize_posemb = False  # as the runs had it
+    config.selection.num_chunks, config.batch_size, config.evals.batch_size = 4, 32, 32
+    for pool in (config.evals.zero_shot.data, config.evals.retrieval.data):
+        pool.data_dir = data_dir
+    runs = {}
+    for name, cache_dir in (("online", ""), ("cached", str(tmp_path / "cache"))):
+        c = config.copy_and_resolve_references()
+        c.selection.reference.cache_dir = cache_dir
+        run = build.build(c)
+        batch = sharding.to_global(next(iter(train.train_data(run))), run.mesh)
+        runs[name] = (run, batch)
+    (online_run, online_batch), (cached_run, cached_batch) = runs["online"], runs["cached"]
+    assert cached_run.wired.reference.attach is not None
+    np.testing.assert_array_equal(online_batch["index"], cached_batch["index"])
+    params = online_run.state.init(0)["params"]
+    for seed in range(3):
+        picks = [jax.jit(run.wired.scorer)(jax.random.key(seed), params,
+                                           run.wired.reference.step_input, batch)[0]
+                 for run, batch in (runs["online"], runs["cached"])]
+        np.testing.assert_array_equal(*picks)
 
 
 @pytest.mark.slow
