@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,beam]'
 	touch $(STAMP)
 
 install: $(STAMP)
