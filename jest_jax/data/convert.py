@@ -223,8 +223,8 @@ def _finish(plan: dict[str, Any], stats: list[ShardStats]) -> None:
         log.info(f"  skipped {count:6d}: {reason}")
     for s in stats:
         if s.truncated:
-            log.warning(f"{s.tar} is truncated ({s.truncated}): kept its {s.records} "
-                        "records before the break")
+            log.warning(f"{s.tar} is truncated or broken ({s.truncated}): kept its "
+                        f"{s.records} records before the break")
     if records == 0:
         work.rmtree()
         if plan["uid_file"] is not None and filtered:
@@ -258,6 +258,6 @@ def _finish(plan: dict[str, Any], stats: list[ShardStats]) -> None:
 if __name__ == "__main__":
     # Run as the module `jest_jax.data.convert`, not `__main__`: Beam pickles `_convert` by
     # reference, and worker processes import it by that name.
-    from jest_jax.data import convert as _module
+    import importlib
 
-    sys.exit(_module.main())
+    sys.exit(importlib.import_module("jest_jax.data.convert").main())

@@ -185,10 +185,15 @@ class ShardStats:
 
 
 def _members(fileobj: Any, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per record, members grouped while their key repeats."""
+    """(key, {extension: bytes}) per record, members grouped while their key repeats.
+
+    A tar cut short (in a member, or before its end-of-archive blocks) sets
+    `stats.truncated`; a member header that does not parse (Python's tarfile then just
+    stops) is a broken entry, and the rest of the tar is unreadable.
+    """
     key, group = None, {}
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -201,15 +206,21 @@ def _members(fileobj: Any, stats: ShardStats) -> Iterator[tuple[str, dict[str, b
                     key, group = this_key, {}
                 data = tar.extractfile(member)
                 group[ext] = data.read() if data is not None else b""
-    except (tarfile.ReadError, EOFError, OSError) as e:
-        message = str(e)
-        if "unexpected end of data" in message or isinstance(e, EOFError):
-            stats.truncated = message or "unexpected end of data"
-            stats.skipped[TRUNCATED] += key is not None  # the record it was reading
-        else:
-            stats.skipped[BROKEN_ENTRY] += 1
-            stats.truncated = f"unreadable after a broken entry: {message}"
+            fileobj.seek(tar.offset)
+            tail = fileobj.read(2 * tarfile.BLOCKSIZE)
+    except (tarfile.ReadError, EOFError) as e:
+        stats.truncated = str(e) or "unexpected end of data"
+        stats.skipped[TRUNCATED] += key is not None  # the record it was reading
         return
+    if not tail:
+        stats.truncated = f"no end-of-archive blocks after byte {tar.offset}"
+        if key is not None:  # its last members may be the ones cut off
+            stats.skipped[TRUNCATED] += 1
+            return
+    elif tail[:tarfile.BLOCKSIZE].strip(b"\0"):
+        stats.skipped[BROKEN_ENTRY] += 1
+        stats.truncated = (f"a member header at byte {tar.offset} does not parse; the rest "
+                           "of the tar is unreadable")
     if key is not None:
         yield key, group
 
