@@ -36,6 +36,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_train.py
 	$(BIN)/python experiments/bench_selection.py
+	$(BIN)/python experiments/bench_input.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
