@@ -45,7 +45,7 @@ BROKEN_JSON = "broken json"
 MISSING_JSON_FIELD = "missing json field"
 BROKEN_ENTRY = "broken tar entry"
 TRUNCATED = "truncated tar"
-NOT_IN_UIDS = "uid not in --uids"  # filtered out, not bad: reported apart
+NOT_IN_UIDS = "uid not in --uids"  # filtered out, not bad: counted apart
 
 
 class InputError(ValueError):
@@ -225,9 +225,21 @@ def _members(fileobj: Any, stats: ShardStats) -> Iterator[tuple[str, dict[str, b
         yield key, group
 
 
-def _record(key: str, group: dict[str, bytes],
+def _record(key: str, group: dict[str, bytes], uids: frozenset[str] | None,
             json_fields: tuple[str, ...] | None) -> dict[str, Any] | str:
-    """The stored record of one key, or why it is skipped."""
+    """The stored record of one key, or why it is skipped (NOT_IN_UIDS: filtered out
+    before its image is decoded, so a subset costs reading the tars, not decoding them)."""
+    meta: dict[str, Any] = {}
+    if "json" in group:
+        try:
+            meta = json.loads(group["json"])
+        except ValueError:
+            meta = None
+    uid = str(meta["uid"]) if isinstance(meta, dict) and meta.get("uid") is not None else key
+    if uids is not None and uid not in uids:
+        return NOT_IN_UIDS
+    if not isinstance(meta, dict):
+        return BROKEN_JSON
     image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
     if image is None:
         return MISSING_IMAGE
@@ -238,21 +250,11 @@ def _record(key: str, group: dict[str, bytes],
         caption = ""
     if not caption:
         return MISSING_CAPTION
-    meta: dict[str, Any] = {}
-    if "json" in group:
-        try:
-            meta = json.loads(group["json"])
-        except ValueError:
-            return BROKEN_JSON
-        if not isinstance(meta, dict):
-            return BROKEN_JSON
     try:
         decode_image(image, min_size=_CHECK_SIZE)
     except BadRecordError:
         return UNDECODABLE_IMAGE
-    uid = meta.get("uid")
-    record: dict[str, Any] = {"image": image, "caption": caption,
-                              "uid": str(uid) if uid is not None else key}
+    record: dict[str, Any] = {"image": image, "caption": caption, "uid": uid}
     for name, value in meta.items():
         if name in RESERVED or type(value) not in JSON_TYPES:  # nulls, lists, dicts
             continue
@@ -298,12 +300,12 @@ def convert_shard(tar_path: str, shard_path: str, uids: frozenset[str] | None,
     try:
         with epath.Path(tar_path).open("rb") as f:
             for key, group in _members(f, stats):
-                record = _record(key, group, json_fields)
+                record = _record(key, group, uids, json_fields)
+                if record == NOT_IN_UIDS:
+                    stats.filtered += 1
+                    continue
                 if isinstance(record, str):
                     stats.skipped[record] += 1
-                    continue
-                if uids is not None and record["uid"] not in uids:
-                    stats.filtered += 1
                     continue
                 kinds = {n: JSON_TYPES[type(v)] for n, v in record.items() if n not in RESERVED}
                 signature = tuple(sorted(kinds.items()))
