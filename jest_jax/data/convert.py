@@ -103,6 +103,10 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     uids = None
     if args.uids is not None:
         uids = webdataset.read_uids(args.uids)  # errors now, not in a worker
+    try:
+        import apache_beam  # noqa: F401  (an optional extra)
+    except ImportError:
+        raise InputError("the converter needs Apache Beam: pip install 'jest_jax[beam]'") from None
     work = final.parent / (VERSION + _INCOMPLETE)
     if work.exists():  # a run that died: its shards are not trusted
         work.rmtree()
