@@ -156,6 +156,14 @@ def test_truncated_and_broken_tars(tmp_path):
         assert [r["uid"].decode() for r in rows] == uids[:kept]
 
 
+def test_progress_line():
+    stats = [webdataset.ShardStats("a.tar", "a", records=90, filtered=6),
+             webdataset.ShardStats("b.tar", "b", records=100)]
+    stats[0].skipped["missing caption"] = 4
+    # 200 samples read in 20 s; 2 of 10 shards in 20 s: 80 s to go.
+    assert convert.progress_line(stats, 10, 20.0) == "shards 2/10 done, 10 examples/s, ETA 80s"
+
+
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jest_jax.data.convert", "webdataset", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,

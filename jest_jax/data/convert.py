@@ -175,20 +175,23 @@ def _read_stats(plan: dict[str, Any]) -> list[ShardStats]:
 
 
 def _report_progress(plan: dict[str, Any], done: threading.Event, every: float = 5.0) -> None:
-    """Shards done, examples/s and ETA, every `every` seconds while the pipeline runs."""
+    """A progress line every `every` seconds while the pipeline runs."""
     start, total = time.perf_counter(), len(plan["tars"])
     while not done.wait(every):
         try:
             stats = _read_stats(plan)
         except (OSError, ValueError):  # a file being written: next time
             continue
-        if not stats:
-            continue
-        elapsed = time.perf_counter() - start
-        examples = sum(s.records + sum(s.skipped.values()) + s.filtered for s in stats)
-        eta = elapsed / len(stats) * (total - len(stats))
-        log.info(f"shards {len(stats)}/{total} done, {examples / elapsed:.0f} examples/s, "
-                 f"ETA {eta:.0f}s")
+        if stats:
+            log.info(progress_line(stats, total, time.perf_counter() - start))
+
+
+def progress_line(stats: list[ShardStats], total: int, elapsed: float) -> str:
+    """Shards done, examples/s (samples read, kept or not) and ETA at that shard rate."""
+    examples = sum(s.records + sum(s.skipped.values()) + s.filtered for s in stats)
+    eta = elapsed / len(stats) * (total - len(stats))
+    return (f"shards {len(stats)}/{total} done, {examples / elapsed:.0f} examples/s, "
+            f"ETA {eta:.0f}s")
 
 
 def _fields(stats: list[ShardStats], records: int,
