@@ -149,7 +149,7 @@ def _run(plan: dict[str, Any], args: argparse.Namespace, beam_args: list[str]) -
                     "--default_sdk_harness_log_level=WARNING"]  # workers' chatter
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     log.info(f"converting {len(tars)} tar(s) into {plan['final']} ({args.runner}"
-             + (f", {args.num_workers} worker processes)" if args.runner == "DirectRunner"
+             + (f", {args.num_workers} worker process(es))" if args.runner == "DirectRunner"
                 else ")"))
     convert = functools.partial(
         _convert, work=str(plan["work"]), name=plan["name"], split=plan["split"],
