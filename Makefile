@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,beam]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_train.py
 	$(BIN)/python experiments/bench_selection.py
+	$(BIN)/python experiments/bench_input.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -35,5 +35,7 @@ setup(
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "wheel>=0.40"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
+        # The webdataset -> ArrayRecord converter (python -m jest_jax.data.convert).
+        "beam": ["apache-beam>=2.60"],
     },
 )
