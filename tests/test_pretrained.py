@@ -141,7 +141,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 
 def test_siglip_text_styles(tmp_path):
-    words = "a red square above the blue circle small large green triangle".split()
+    words = "a red square above the blue circle small large green triangle École école".split()
     path = sentencepiece_model(tmp_path, words)
     import sentencepiece
 
@@ -157,6 +157,11 @@ def test_siglip_text_styles(tmp_path):
     np.testing.assert_array_equal(siglip.encode("A Red SQUARE", n + 3), ids + [eos] * 3)
     np.testing.assert_array_equal(siglip2.encode(b"A Red SQUARE", n + 3),
                                   ids + [eos] + [pad] * 2)
+    # only ASCII letters are lower-cased, as big_vision's tf.strings.lower
+    upper, lower = sp.encode("École red"), sp.encode("école red")
+    assert upper != lower  # the vocabulary tells É from é, so the check below can fail
+    np.testing.assert_array_equal(siglip.encode("ÉCOLE Red", len(upper) + 2),
+                                  upper + [eos] * 2)
     # truncation keeps the EOS last ("sticky")
     np.testing.assert_array_equal(siglip.encode("a red square", 2), ids[:1] + [eos])
     with pytest.raises(ValueError, match="needs a SentencePiece model"):
