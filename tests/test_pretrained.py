@@ -216,6 +216,30 @@ def test_reference_checkpoint_fields_are_checked(tiny_config, tmp_path):
         config_lib.validate(jest_config)
 
 
+def test_a_replaced_reference_file_is_another_identity(tiny_config, tmp_path):
+    from jest_jax import config as config_lib
+
+    tree = siglip_tree(5, image_size=IMAGE, text_len=TEXT_LEN, vocab=VOCAB)
+    path = save_npz(tmp_path / "ref.npz", tree)
+    tiny_config.selection.method, tiny_config.selection.filter_ratio = "joint", 0.5
+    tiny_config.selection.reference.update(dict(checkpoint=path, variant="tiny/4"))
+    spec = config_lib.validate(tiny_config).reference
+    before = spec.checkpoint_identity()
+    assert before["size"] == os.path.getsize(path)
+    assert spec.checkpoint_identity() == before  # the same file: the same identity
+    # Replaced by another file of the same size at the same path: only its time differs.
+    save_npz(tmp_path / "ref.npz", siglip_tree(6, image_size=IMAGE, text_len=TEXT_LEN,
+                                               vocab=VOCAB))
+    os.utime(path, ns=(before["mtime_ns"] + 10**9, before["mtime_ns"] + 10**9))
+    after = spec.checkpoint_identity()
+    assert after["size"] == before["size"] and after != before
+    # A file of another size.
+    save_npz(tmp_path / "ref.npz", siglip_tree(6, image_size=IMAGE, text_len=TEXT_LEN,
+                                               vocab=VOCAB + 1))
+    os.utime(path, ns=(before["mtime_ns"], before["mtime_ns"]))
+    assert spec.checkpoint_identity()["size"] != before["size"]
+
+
 def test_published_variants_are_selectable():
     from jest_jax.models import VARIANTS
 
