@@ -14,8 +14,9 @@ data=my_pairs,data_dir=gs://bucket/tfds,cache=runs/siglip_ref_cache
 
 Args: variant (B/16, L/16, So400m/14, So400m/16), checkpoint (.npz path or gs:// URL),
 tokenizer (SentencePiece .model), style (siglip: SigLIP's c4-en; siglip2: SigLIP 2's
-Gemma), image_size (the checkpoint's; another one resizes its position embeddings),
-text_len (64; 16 for SigLIP So400m/14 at 224 px), data / data_dir (a TFDS image–text
+Gemma), image_size (the checkpoint's; another one is refused unless resize=True, which
+resizes its image position embeddings), text_len (the checkpoint's: 64; 16 for SigLIP
+So400m/14 at 224 px), data / data_dir (a TFDS image–text
 dataset: `train` is trained on, `validation` evaluated by retrieval), role, learner (the
 JEST learner's variant; default the reference's), cache (JEST: the reference cache; ""
 runs the reference every step), steps, batch, lr.
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = jj.parse_arg(arg, variant="B/16", checkpoint="", tokenizer="", style="siglip",
                        image_size=224, text_len=64, data="image_text_pairs",
                        data_dir=jj.DATA_DIR, role="finetune", learner="", cache="",
-                       steps=10_000, batch=1024, lr=0.0)
+                       steps=10_000, batch=1024, lr=0.0, resize=False)
     if arg.role not in ("finetune", "jest"):
         raise ValueError(f"configs/siglip.py: role={arg.role!r}; use finetune or jest")
     c = jj.defaults()
@@ -52,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 1.0
     if arg.role == "finetune":
         c.model.init_from = arg.checkpoint
-        c.model.init_resize_posemb = True  # a no-op at the checkpoint's own size
+        c.model.init_resize_posemb = arg.resize
         c.optimizer.learning_rate = arg.lr or 1e-5  # small: keep what was learned
         c.optimizer.weight_decay = 1e-4
     else:
@@ -64,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.selection.num_chunks = 16
         c.selection.reference.checkpoint = arg.checkpoint
         c.selection.reference.variant = arg.variant
-        c.selection.reference.resize_posemb = True
+        c.selection.reference.resize_posemb = arg.resize
         c.selection.reference.cache_dir = arg.cache
     c.evals.every_steps = 1000
     c.evals.batch_size = 1024

@@ -49,6 +49,11 @@ class EvalContext(Protocol):
         """Unit text embeddings of arbitrary strings (prompts): f[len(texts), D], in device
         calls of at most `evals.batch_size` texts."""
 
+    def record_texts(self, data: sources.DataSource, path: str) -> list[list[str]]:
+        """Each record's strings at feature `path` ("captions", "captions/text"), in the
+        order of `split(data)`'s rows; read from the records once per run, not per
+        evaluation."""
+
 
 class Evaluator(Protocol):
     """The contract every registered evaluator kind meets."""
@@ -127,9 +132,8 @@ class Retrieval:
     def __call__(self, context: EvalContext) -> dict[str, float]:
         split = context.split(self.data)
         if self.captions:
-            pool = context.pool(self.data)
-            # The captions are re-read from the records (the embedded split holds scalars).
-            per_image = [_texts(pool[int(i)], self.captions) for i in split["index"]]
+            # From the records (the embedded split holds scalars), cached across evaluations.
+            per_image = context.record_texts(self.data, self.captions)
             text = context.embed_texts([t for texts in per_image for t in texts])
             owner = np.repeat(np.arange(len(per_image)), [len(t) for t in per_image])
             metrics = eval_metrics.multi_caption_recall(split["image"] @ text.T, owner)
@@ -410,6 +414,7 @@ class EvalRunner:
                             else preprocess.without_captions()
                             for key, pool in self._pools.items()}
         self._batches: dict[str, list[dict]] = {}
+        self._texts: dict[tuple[str, str], list[list[str]]] = {}
 
     def context(self, params: Any, step: int | None = None) -> EvalContext:
         """What tasks are given for `params`: each split embedded on first request."""
@@ -432,6 +437,14 @@ class EvalRunner:
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 limit=None if limit == -1 else limit))
         return self._batches[key]
+
+    def record_texts(self, key: str, path: str, indices: np.ndarray) -> list[list[str]]:
+        """The strings at `path` of records `indices` of a split, read once: the indices
+        are those of its cached `batches`, the same at every evaluation."""
+        if (key, path) not in self._texts:
+            pool = self._pools[key]
+            self._texts[key, path] = [_texts(pool[int(i)], path) for i in indices]
+        return self._texts[key, path]
 
     def embed_split(self, params: Any, key: str) -> dict[str, np.ndarray]:
         batches = self.batches(key)
@@ -495,3 +508,6 @@ class _Context:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._runner.embed_texts(self._params, texts)
+
+    def record_texts(self, data: sources.DataSource, path: str) -> list[list[str]]:
+        return self._runner.record_texts(_key(data), path, self.split(data)["index"])

@@ -22,12 +22,14 @@ WALL_CLOCK = ("steps_per_sec", "data_wait")
 
 
 class DataWait:
-    """`data_wait`: the fraction of wall time the training loop spends waiting for its
-    next input batch, per logging interval.
+    """`data_wait`: the fraction of wall time the host's training loop spends waiting
+    for its next input batch, per logging interval.
 
-    Near 0: the input pipeline keeps ahead (the loop waits on the device instead). Near
-    1: the device idles while the host decodes. Evaluations and checkpoint writes are
-    left out of the interval (`restart`).
+    It is the host's wait, not the device's idle time: steps are dispatched
+    asynchronously, so the device may still be running queued steps while the host
+    waits. Near 0: the input pipeline keeps ahead. Near 1: the host spends the interval
+    waiting for input, so the pipeline is likely what limits the step rate. Evaluations
+    and checkpoint writes are left out of the interval (`restart`).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from jest_jax import log, sharding
 from jest_jax.checkpoint import Checkpointer, CheckpointError, brief, latest_step
@@ -123,10 +124,22 @@ class ReferenceSpec:
         return OnlineReference.load(self.workdir, data, mesh, mesh_spec)
 
     def checkpoint_identity(self) -> dict[str, Any]:
-        """What names a published reference (its embedding cache records it)."""
+        """What names a published reference (its embedding cache records it): the file,
+        its size and modification time (so a file replaced at the same path is another
+        reference), the variant and the resizing."""
         path = self.checkpoint if "://" in self.checkpoint else os.path.realpath(
             self.checkpoint)
-        return {"path": path, "variant": self.variant, "resize_posemb": self.resize_posemb}
+        identity = {"path": path, "variant": self.variant, "resize_posemb": self.resize_posemb}
+        try:
+            if "://" in path:
+                stat = epath.Path(path).stat()
+                identity.update(size=int(stat.length), mtime=float(stat.mtime))
+            else:
+                stat = os.stat(path)
+                identity.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        except Exception as e:  # noqa: BLE001 - remote file systems raise many types
+            log.info(f"note: cannot stat {path} ({e}); its cache is named by path only")
+        return identity
 
     def open(self, data: DataSpec, mesh: jax.sharding.Mesh,
              mesh_spec: sharding.MeshSpec) -> ReferenceSource:

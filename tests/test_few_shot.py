@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jest_jax import build
+from jest_jax import build, eval_metrics
 from jest_jax.config import ConfigError, validate
+from jest_jax.data import sources
 from jest_jax.eval_metrics import few_shot_indices, ridge_probe_accuracy
 
 
@@ -60,7 +61,17 @@ def _config(tiny_config, **task):
     return tiny_config
 
 
-def test_few_shot_evaluator_matches_numpy(tiny_config):
+def test_few_shot_evaluator_matches_numpy(tiny_config, monkeypatch):
+    # The shots the evaluator really draws, captured (not recomputed by the code under
+    # test), checked here, then its accuracies recomputed by the float64 reference.
+    drawn = []
+
+    def recording(labels, shots, seed):
+        chosen = few_shot_indices(labels, shots, seed)
+        drawn.append((np.array(labels), shots, seed, np.array(chosen)))
+        return chosen
+
+    monkeypatch.setattr(eval_metrics, "few_shot_indices", recording)
     run = build.build(_config(tiny_config), selection=False)
     params = run.state.init(0)["params"]
     results = run.evaluator.run(params)
@@ -68,11 +79,17 @@ def test_few_shot_evaluator_matches_numpy(tiny_config):
     context = run.evaluator.context(params)
     train, test = context.split(task.train_data), context.split(task.data)
     assert set(results) == {"probe/1shot", "probe/4shot"}
-    for k in (1, 4):
-        chosen = few_shot_indices(train["shape"], k, seed=3)
-        assert len(chosen) == 6 * k  # jest_shapes has 6 shapes
+    # the labels of the train split, read from its records
+    pool = sources.open_source(task.train_data, "evals.probe.train_data")
+    labels = np.array([int(pool[int(i)]["shape"]) for i in train["index"]])
+    assert [(k, seed) for _, k, seed, _ in drawn] == [(1, 3), (4, 3)]
+    for got_labels, k, _, chosen in drawn:
+        np.testing.assert_array_equal(got_labels, labels)
+        assert len(np.unique(chosen)) == len(chosen) == 6 * k  # jest_shapes has 6 shapes
+        assert chosen.min() >= 0 and chosen.max() < len(labels)
+        assert np.bincount(labels[chosen], minlength=6).tolist() == [k] * 6
         expected = _reference_accuracy(train["image"][chosen].astype(np.float64),
-                                       train["shape"][chosen], test["image"].astype(np.float64),
+                                       labels[chosen], test["image"].astype(np.float64),
                                        test["shape"], 6, 0.5)
         assert results[f"probe/{k}shot"] == pytest.approx(expected)
 

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import scipy.ndimage
 from bigvision_files import (
     TINY,
     flatten,
@@ -68,33 +69,25 @@ def test_bfloat16_files_are_read(tmp_path):
     np.testing.assert_array_equal(params["image"]["patch_kernel"], expected)
 
 
-def _bilinear(grid: np.ndarray, new: int) -> np.ndarray:
-    """Half-pixel bilinear upsampling of [g, g, w], edges clamped (float64)."""
-    old = grid.shape[0]
-    src = np.clip((np.arange(new) + 0.5) * old / new - 0.5, 0, old - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, old - 1)
-    f = src - lo
-    rows = grid[lo] * (1 - f)[:, None, None] + grid[hi] * f[:, None, None]
-    return rows[:, lo] * (1 - f)[None, :, None] + rows[:, hi] * f[None, :, None]
-
-
 def test_position_embeddings_resize_to_another_image_size(tmp_path):
     tree = siglip_tree(3, image_size=IMAGE, text_len=TEXT_LEN, vocab=VOCAB)
     path = save_npz(tmp_path / "siglip.npz", tree)
     with pytest.raises(ConfigError, match=r"config.data.image_size=32 is invalid: .*trained at "
                        r"16 px \(4x4 patches of 4\).*model.init_resize_posemb=True"):
         _import(path, image_size=32)
-    _, params = _import(path, image_size=32, resize=True)
+    # big_vision resizes by scipy.ndimage.zoom(order=1): corner-aligned, not antialiased
     old = tree["img"]["pos_embedding"][0].reshape(4, 4, -1).astype(np.float64)
-    np.testing.assert_allclose(params["image"]["pos_embedding"], _bilinear(old, 8), atol=1e-6)
-    # A shorter text takes the first positions; a longer one is refused.
-    _, params = _import(path, text_len=5)
-    np.testing.assert_array_equal(params["text"]["pos_embedding"],
-                                  tree["txt"]["pos_embedding"][0, :5])
-    with pytest.raises(ConfigError, match=r"config.data.text_len=9 is invalid: .* for 8 "
-                                          r"tokens only"):
-        _import(path, text_len=9)
+    for image_size, grid in ((32, 8), (12, 3), (8, 2)):  # one upsample, two downsamples
+        _, params = _import(path, image_size=image_size, resize=True)
+        expected = scipy.ndimage.zoom(old, (grid / 4, grid / 4, 1), order=1)
+        assert expected.shape == (grid, grid, old.shape[2])
+        np.testing.assert_allclose(params["image"]["pos_embedding"], expected, atol=1e-6)
+    # The text length must be the checkpoint's: a shorter one would pool at another
+    # position (the last) than the published model, a longer one has no embeddings.
+    for text_len in (5, 9):
+        with pytest.raises(ConfigError, match=rf"config.data.text_len={text_len} is invalid: "
+                           r".* for 8 tokens.*set data.text_len=8"):
+            _import(path, text_len=text_len)
 
 
 def test_bad_checkpoints_are_named(tmp_path):
@@ -118,6 +111,11 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"has parameters the model of the test model lacks "
                                           r"\(img/Transformer/encoderblock_2/"):
         _import(save_npz(tmp_path / "deep.npz", deep))
+    # no text head: SigLIP's multilingual So400m/16 file
+    headless = siglip_tree(4, image_size=IMAGE, text_len=TEXT_LEN, vocab=VOCAB)
+    del headless["txt"]["head"]
+    with pytest.raises(ConfigError, match=r"checkpoint has no text head \('txt/head/"):
+        _import(save_npz(tmp_path / "headless.npz", headless))
     # a missing key
     del tree["txt"]["Encoder_0"]["encoderblock_1"]["MlpBlock_0"]["Dense_1"]["bias"]
     with pytest.raises(ConfigError, match=r"has no parameter "
@@ -134,6 +132,8 @@ def test_bad_checkpoints_are_named(tmp_path):
             _import(tmp_path / name)
     with pytest.raises(ConfigError, match="no such file"):
         _import(tmp_path / "absent.npz")
+    with pytest.raises(ConfigError, match=r"init_from=.* is a directory, not a \.npz"):
+        _import(tmp_path)
     # a vocabulary of another size
     with pytest.raises(ConfigError, match=r"config.data.tokenizer is invalid: it has a "
                                           r"vocabulary of 41 ids but .* embeds 40"):
@@ -141,7 +141,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 
 def test_siglip_text_styles(tmp_path):
-    words = "a red square above the blue circle small large green triangle".split()
+    words = "a red square above the blue circle small large green triangle École école".split()
     path = sentencepiece_model(tmp_path, words)
     import sentencepiece
 
@@ -157,6 +157,11 @@ def test_siglip_text_styles(tmp_path):
     np.testing.assert_array_equal(siglip.encode("A Red SQUARE", n + 3), ids + [eos] * 3)
     np.testing.assert_array_equal(siglip2.encode(b"A Red SQUARE", n + 3),
                                   ids + [eos] + [pad] * 2)
+    # only ASCII letters are lower-cased, as big_vision's tf.strings.lower
+    upper, lower = sp.encode("École red"), sp.encode("école red")
+    assert upper != lower  # the vocabulary tells É from é, so the check below can fail
+    np.testing.assert_array_equal(siglip.encode("ÉCOLE Red", len(upper) + 2),
+                                  upper + [eos] * 2)
     # truncation keeps the EOS last ("sticky")
     np.testing.assert_array_equal(siglip.encode("a red square", 2), ids[:1] + [eos])
     with pytest.raises(ValueError, match="needs a SentencePiece model"):
@@ -211,6 +216,30 @@ def test_reference_checkpoint_fields_are_checked(tiny_config, tmp_path):
         config_lib.validate(jest_config)
 
 
+def test_a_replaced_reference_file_is_another_identity(tiny_config, tmp_path):
+    from jest_jax import config as config_lib
+
+    tree = siglip_tree(5, image_size=IMAGE, text_len=TEXT_LEN, vocab=VOCAB)
+    path = save_npz(tmp_path / "ref.npz", tree)
+    tiny_config.selection.method, tiny_config.selection.filter_ratio = "joint", 0.5
+    tiny_config.selection.reference.update(dict(checkpoint=path, variant="tiny/4"))
+    spec = config_lib.validate(tiny_config).reference
+    before = spec.checkpoint_identity()
+    assert before["size"] == os.path.getsize(path)
+    assert spec.checkpoint_identity() == before  # the same file: the same identity
+    # Replaced by another file of the same size at the same path: only its time differs.
+    save_npz(tmp_path / "ref.npz", siglip_tree(6, image_size=IMAGE, text_len=TEXT_LEN,
+                                               vocab=VOCAB))
+    os.utime(path, ns=(before["mtime_ns"] + 10**9, before["mtime_ns"] + 10**9))
+    after = spec.checkpoint_identity()
+    assert after["size"] == before["size"] and after != before
+    # A file of another size.
+    save_npz(tmp_path / "ref.npz", siglip_tree(6, image_size=IMAGE, text_len=TEXT_LEN,
+                                               vocab=VOCAB + 1))
+    os.utime(path, ns=(before["mtime_ns"], before["mtime_ns"]))
+    assert spec.checkpoint_identity()["size"] != before["size"]
+
+
 def test_published_variants_are_selectable():
     from jest_jax.models import VARIANTS
 
@@ -250,6 +279,19 @@ def test_siglip_config_builds_the_published_sizes(variant):
         "x.npz", variant)
     assert specs["jest"].model == dataclasses.replace(specs["finetune"].model, init_from="",
                                                               init_resize_posemb=False)
+
+
+def test_siglip_config_resizes_only_when_asked():
+    from conftest import load_config
+
+    base = "variant=B/16,checkpoint=x.npz,tokenizer=x.model"
+    for resize in (False, True):
+        arg = base + (",resize=True" if resize else "")
+        finetune = load_config("siglip.py", f"role=finetune,{arg}")
+        jest = load_config("siglip.py", f"role=jest,{arg}")
+        assert finetune.model.init_resize_posemb is resize
+        assert jest.selection.reference.resize_posemb is resize
+        assert jest.model.init_resize_posemb is False  # the learner starts from scratch
 
 
 def test_embed_mode_with_a_workdir_checkpoint(reference_workdir, data_dir, tmp_path):

@@ -154,11 +154,20 @@ def test_learner_from_a_published_checkpoint_and_embed_mode(data_dir, tmp_path, 
     np.testing.assert_allclose(image[:6], image_embeddings(tree, images), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(text[:6], text_embeddings(tree, tokens), rtol=1e-5, atol=1e-6)
 
-    first = next(iter(train.train_data(run)))["index"]
+    # The learner's first loss is the reference's own loss on its first batch: the
+    # float64 forward pass of the file on that batch's preprocessed rows (not jest_jax's
+    # import, which `--mode embed` above used).
+    batch = next(iter(train.train_data(run)))
+    first_images, first_tokens = np.asarray(batch["image"]), np.asarray(batch["tokens"])
+    assert len(first_images) == 32
+    rows = [run.preprocess(pool[int(i)], int(i)) for i in np.asarray(batch["index"])[:4]]
+    np.testing.assert_array_equal(first_tokens[:4], np.stack([r["tokens"] for r in rows]))
     _cli([*args, "--workdir", str(tmp_path / "learner")], data_dir)
     (row,) = _losses(tmp_path / "learner")
     assert row["step"] == 1
-    expected = sigmoid_loss(image[first], text[first], scale, bias)
+    expected = sigmoid_loss(image_embeddings(tree, first_images),
+                            text_embeddings(tree, first_tokens),
+                            float(np.exp(tree["t"][0])), float(tree["b"][0]))
     np.testing.assert_allclose(row["loss"], expected, rtol=1e-5)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jest_jax import build
+from jest_jax import build, evaluate
 from jest_jax.config import ConfigError
 from jest_jax.data.datasets import prepare_quietly
 from jest_jax.data.shapes import encode_png
@@ -72,10 +72,15 @@ def _config(tiny_config, datasets):
     return tiny_config
 
 
-def test_multi_caption_recall_matches_brute_force(tiny_config, datasets):
+def test_multi_caption_recall_matches_brute_force(tiny_config, datasets, monkeypatch):
+    reads = []  # the records whose captions are read (each decodes the record's image)
+    monkeypatch.setattr(evaluate, "_texts",
+                        lambda record, path, read=evaluate._texts: reads.append(1) or
+                        read(record, path))
     run = build.build(_config(tiny_config, datasets), selection=False)
     params = run.state.init(0)["params"]
     results = run.evaluator.run(params)
+    assert len(reads) == IMAGES
     coco_task = run.spec.evals.tasks[0]
     image = run.evaluator.context(params).split(coco_task.data)["image"].astype(np.float64)
     captions = _captions()
@@ -97,6 +102,12 @@ def test_multi_caption_recall_matches_brute_force(tiny_config, datasets):
             assert results[f"{task}/i2t_r{k}"] == pytest.approx(i2t / IMAGES)
             assert results[f"{task}/t2i_r{k}"] == pytest.approx(t2i / len(flat))
     assert 0 < results["coco/i2t_r1"] < 1 or 0 < results["coco/t2i_r1"] < 1
+    # Another evaluation reads no record again, and its captions still belong to the
+    # right images: the same recalls as the grouped layout, which reads no captions.
+    again = run.evaluator.run(run.state.init(1)["params"])
+    assert len(reads) == IMAGES
+    for metric in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        assert again[f"coco/{metric}"] == pytest.approx(again[f"grouped/{metric}"])
 
 
 def test_multi_caption_errors(tiny_config, datasets):

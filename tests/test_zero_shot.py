@@ -93,6 +93,8 @@ def test_class_names_and_templates_from_files(tmp_path, tiny_config, captionless
      r"invalid: unknown templates set \(did you mean 'clip_imagenet_80'\?\)"),
     (dict(templates=("a photo of a {}.", "a photo")), r"config.evals.cifar.templates=.* is "
      r"invalid: template 'a photo' has no '\{\}' for the class name"),
+    (dict(templates=("a photo",)), r"config.evals.cifar.templates=.* is "
+     r"invalid: template 'a photo' has no '\{\}' for the class name"),
     (dict(label_keys=("label", "other"), class_names="cifar10"),
      "config.evals.cifar.label_keys=.* is invalid: must name one label feature"),
 ])

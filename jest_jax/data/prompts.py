@@ -83,7 +83,11 @@ class TextList:
         sets = TEMPLATE_SETS if templates else CLASS_NAME_SETS
         if not value:
             return cls("dataset", value, field, templates)
-        if len(value) == 1 and not (templates and SLOT in value[0]):
+        # One entry is a set name or a file path; with a space in it and no look of a
+        # path, neither (set names have none): an inline template, checked for '{}' below.
+        prose = (templates and any(c.isspace() for c in value[0].strip())
+                 and not _looks_like_path(value[0]))
+        if len(value) == 1 and not (templates and (SLOT in value[0] or prose)):
             if value[0] in sets:
                 return cls("set", value, field, templates)
             if _looks_like_path(value[0]):

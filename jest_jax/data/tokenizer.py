@@ -71,7 +71,9 @@ class SentencePieceTokenizer:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
         if self.style != "jest":
-            text = text.lower()
+            # big_vision's tf.strings.lower lower-cases ASCII letters only ("ÉCOLE" ->
+            # "École"); str.lower would also change the non-ASCII ones
+            text = text.encode("utf-8").lower().decode("utf-8")
         ids = [i + self._shift for i in self._sp.encode(text)]
         ids = ids[: length - 1] + [self._eos] if self._eos is not None else ids[:length]
         out = np.full((length,), self._pad, np.int32)

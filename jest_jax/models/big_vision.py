@@ -35,7 +35,8 @@ from jest_jax.models.layers import variant as resolve_variant
 from jest_jax.models.model import Model
 
 # The published variants (docs/pretrained.md lists their files); any "<size>/<patch>"
-# with a size of models.VARIANTS is accepted, as tests use "tiny/4".
+# with a size of models.VARIANTS is accepted, as tests use "tiny/4". So400m/16 is SigLIP
+# 2's only: SigLIP's multilingual So400m/16 file has no text head and is refused.
 PUBLISHED = ("B/16", "L/16", "So400m/14", "So400m/16")
 
 _TOWERS = {"image": ("img", "Transformer"), "text": ("txt", "Encoder_0")}
@@ -87,8 +88,11 @@ class NpzCheckpoint:
         self.path, self.field = path, field
         try:
             self._file = epath.Path(path).open("rb")
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise ConfigError(f"config.{field}={path!r}: no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config.{field}={path!r} is a directory, not a .npz "
+                              "checkpoint file") from None
         except Exception as e:  # noqa: BLE001 - remote file systems raise many types
             raise ConfigError(f"config.{field}={path!r} cannot be read: {e}") from None
         try:
@@ -183,6 +187,12 @@ def _plan(ckpt: NpzCheckpoint, model: Model, fields: Fields, resize: bool) -> li
         entries.append(_Entry(path, key, bv_shape, layer, convert))
     entries.sort(key=_file_order)  # so "the first" mismatch is the first in the network
     for i, entry in enumerate(entries):
+        if entry.key not in ckpt.shapes and entry.key.startswith("txt/head/"):
+            raise ConfigError(
+                f"{where}: checkpoint has no text head ({entry.key!r}), which the model of "
+                f"{fields.architecture} needs: SigLIP's multilingual So400m/16 file has "
+                "none and is not supported (So400m/16 is read from SigLIP 2's files, see "
+                "docs/pretrained.md)")
         if entry.key not in ckpt.shapes:
             raise ConfigError(f"{where} has no parameter {entry.key!r}, which the model of "
                               f"{fields.architecture} needs: it is not a big_vision SigLIP "
@@ -208,22 +218,20 @@ def _file_order(entry: _Entry) -> tuple:
 
 def _mismatch(entry: _Entry, found: tuple[int, ...], ckpt: NpzCheckpoint, model: Model,
               fields: Fields, resize: bool) -> _Entry:
-    """A param whose shape differs: the entry that reads it anyway (a resized image or a
-    shortened text position embedding), else the ConfigError that says why not."""
+    """A param whose shape differs: the entry that reads it anyway (resized image
+    position embeddings), else the ConfigError that says why not."""
     spec, where = model.spec, f"config.{fields.checkpoint}={ckpt.path!r}"
     if entry.path == ("image", "pos_embedding"):
         return _image_posemb(entry, found, ckpt, spec, fields, resize)
     if (entry.path == ("text", "pos_embedding") and len(found) == 3 and found[0] == 1
             and found[2] == entry.shape[2]):
-        if found[1] < entry.shape[1]:
-            raise ConfigError(
-                f"config.data.text_len={spec.text_len} is invalid: {where} has text "
-                f"position embeddings for {found[1]} tokens only; set data.text_len <= "
-                f"{found[1]} (the published SigLIP checkpoints take 64; SigLIP So400m/14 at "
-                "224 px, 16)")
-        # A shorter text uses the first positions (big_vision's own length is the file's).
-        return dataclasses.replace(entry, shape=found,
-                                   convert=lambda a, n=spec.text_len: a[0, :n])
+        # Not even a shorter text is read: the text tower is pooled at the last position,
+        # so a shorter one would be read at another position than the published model's.
+        raise ConfigError(
+            f"config.data.text_len={spec.text_len} is invalid: {where} has text position "
+            f"embeddings for {found[1]} tokens, and its text tower needs exactly that "
+            f"length; set data.text_len={found[1]} (the published SigLIP checkpoints take "
+            "64; SigLIP So400m/14 at 224 px, 16)")
     if entry.path == ("text", "embedding", "embedding") and found[1:] == entry.shape[1:]:
         raise ConfigError(
             f"config.data.tokenizer is invalid: it has a vocabulary of {model.vocab_size} "
@@ -239,7 +247,7 @@ def _mismatch(entry: _Entry, found: tuple[int, ...], ckpt: NpzCheckpoint, model:
 def _image_posemb(entry: _Entry, found: tuple[int, ...], ckpt: NpzCheckpoint, spec: Any,
                   fields: Fields, resize: bool) -> _Entry:
     """The image position embeddings of a checkpoint trained at another image size:
-    resized (bilinear, on the grid) when asked for, else an error naming both sizes."""
+    resized (`resample_grid`) when asked for, else an error naming both sizes."""
     grid, width = spec.image_size // spec.patch_size, entry.shape[2]
     old = int(round(np.sqrt(found[1]))) if len(found) == 3 else 0
     if len(found) != 3 or found[0] != 1 or found[2] != width or old * old != found[1]:
@@ -258,11 +266,30 @@ def _image_posemb(entry: _Entry, found: tuple[int, ...], ckpt: NpzCheckpoint, sp
              f"{grid}x{grid}")
 
     def convert(array: np.ndarray) -> np.ndarray:
-        with jax.default_device(jax.devices("cpu")[0]):
-            return np.asarray(jax.image.resize(array.reshape(old, old, width),
-                                               (grid, grid, width), method="bilinear"))
+        return resample_grid(array.reshape(old, old, width), grid)
 
     return dataclasses.replace(entry, shape=found, convert=convert)
+
+
+def _linear_axis(values: np.ndarray, new: int, axis: int) -> np.ndarray:
+    """`values` resampled to `new` points along `axis` by linear interpolation with the
+    end points aligned: output i reads input position i * (old - 1) / (new - 1)."""
+    old = values.shape[axis]
+    src = np.arange(new) * ((old - 1) / (new - 1)) if new > 1 else np.zeros(1)
+    lo = np.clip(np.floor(src).astype(np.int64), 0, old - 1)
+    hi = np.minimum(lo + 1, old - 1)
+    frac = (src - lo).reshape([-1 if a == axis else 1 for a in range(values.ndim)])
+    return (np.take(values, lo, axis) * (1 - frac) + np.take(values, hi, axis) * frac)
+
+
+def resample_grid(grid: np.ndarray, new: int) -> np.ndarray:
+    """A [g, g, width] grid of position embeddings resized to [new, new, width] as
+    big_vision resizes them when fine-tuning at another resolution: separable linear
+    interpolation, corner-aligned (the first and last rows and columns are kept), no
+    antialiasing when shrinking -- what scipy.ndimage.zoom(order=1) computes. float64
+    inside, float32 out."""
+    out = _linear_axis(np.asarray(grid, np.float64), new, 0)
+    return _linear_axis(out, new, 1).astype(np.float32)
 
 
 def _locate(path: tuple[Any, ...], shape: tuple[int, ...], heads: dict[str, int],
