@@ -105,15 +105,17 @@ def test_pipeline_skips_counts_and_reports_bad_records(planted, capfd):
         assert re.search(rf"skipping record {index} of the training pool: .*{reason}", report)
 
 
-def test_error_policy_names_the_first_bad_record(planted):
+@pytest.mark.parametrize("workers", [0, 2])  # raised in a grain worker process: the same
+def test_error_policy_names_the_first_bad_record(planted, workers):
     source, _ = load_split("planted", "train", planted)
     first = next(r for r in _stream_order(seed=3, positions=POOL) if r in BAD)
     it = iter(train_dataset(source, _preprocess(), batch_size=BATCH, seed=3, num_threads=0,
-                            skip_bad_records=False))
+                            skip_bad_records=False, num_workers=workers))
     with pytest.raises(BadRecordError, match=rf"record {first} of the training pool is bad: "
                                              rf".*{BAD[first][1]}.*faults.bad_records='skip'"):
         for _ in range(POOL // BATCH):
             next(it)
+    it.close()
 
 
 def test_evaluation_reads_whole_splits_so_a_bad_record_is_an_error(planted):
