@@ -9,7 +9,7 @@
    2 worker processes: examples/s over the command's wall time (Beam's start-up included).
 3. Reads the converted pool through the training pipeline (`data.pipeline.train_dataset`:
    read, JPEG decode, checks, tokenize, batch) at image_size 224, in this process (grain
-   threads only) and with grain worker processes (`mp_prefetch`) for 1, 2 and all cores.
+   threads only) and with grain worker processes (`data.num_workers`: 1, 2, all cores).
 4. Sets that against what a JEST step needs per host at the paper's sizes: b = 32,768
    trained examples from a super-batch of N = b / (1 - 0.8) = 163,840 per step, split over
    `--hosts` hosts, at an assumed `--step_time` seconds per step (not measured here).
@@ -29,9 +29,7 @@ import sys
 import tarfile
 import time
 
-import grain
 import numpy as np
-from absl import flags
 from PIL import Image
 
 from jest_jax.data import load_split
@@ -91,17 +89,16 @@ def convert(shards: str, data_dir: str, name: str, tars: int, workers: int) -> t
 
 def pipeline_rate(source, batch: int, batches: int, workers: int) -> float:
     """Examples/s through the training pipeline; `workers` 0: in this process."""
-    ds = train_dataset(source, Preprocess(224, ByteTokenizer(), 64), batch_size=batch, seed=0,
-                       num_threads=2)
-    if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    it = iter(ds)
+    it = iter(train_dataset(source, Preprocess(224, ByteTokenizer(), 64), batch_size=batch,
+                            seed=0, num_threads=2, num_workers=workers))
     for _ in range(3):  # workers start, buffers fill
         next(it)
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return batches * batch / (time.perf_counter() - start)
+    rate = batches * batch / (time.perf_counter() - start)
+    it.close()
+    return rate
 
 
 def main() -> None:
@@ -115,7 +112,6 @@ def main() -> None:
                         help="assumed seconds per JEST step at the paper's sizes")
     parser.add_argument("--hosts", type=int, default=64, help="hosts sharing the batch")
     args = parser.parse_args()
-    flags.FLAGS(sys.argv[:1])  # grain's worker processes read absl flags
 
     shards = os.path.join(args.work, "shards")
     write_tars(shards, args.tars, args.per_tar)

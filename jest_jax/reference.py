@@ -377,12 +377,24 @@ class ReferenceCache:
                 f"config.{_CACHE}={directory!r} holds step {self.meta['reference_step']} of "
                 f"{self.meta['reference_workdir']}, not the latest checkpoint of "
                 f"config.{_WORKDIR}={workdir!r}; re-create it")
-        self.image = np.load(os.path.join(directory, "image.npy"), mmap_mode="r")
-        self.text = np.load(os.path.join(directory, "text.npy"), mmap_mode="r")
+        self._map()
         pool_size = len(sources.open_source(data.train, "data.train"))
         if not self.meta["num_examples"] == len(self.image) == len(self.text) == pool_size:
             raise ConfigError(f"config.{_CACHE}={directory!r} holds {len(self.image)} rows but "
                               f"the pool has {pool_size} examples (rebuilt?); re-create it")
+
+    def _map(self) -> None:
+        self.image = np.load(os.path.join(self.directory, "image.npy"), mmap_mode="r")
+        self.text = np.load(os.path.join(self.directory, "text.npy"), mmap_mode="r")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to grain's worker processes (data.num_workers) as its directory: a pickled
+        # memmap would be a copy of the whole cache in every worker.
+        return {k: v for k, v in self.__dict__.items() if k not in ("image", "text")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._map()
 
     @property
     def scalars(self) -> dict[str, np.ndarray]:

@@ -51,6 +51,7 @@ def train_data(run: build.Run):
                              process_index=jax.process_index(),
                              process_count=jax.process_count(),
                              num_threads=spec.data.num_threads,
+                             num_workers=spec.data.num_workers,
                              skip_bad_records=spec.faults.skip_bad_records)
     except ValueError as e:
         why = (f" (with selection each step draws a super-batch of N = batch_size / "
@@ -190,8 +191,9 @@ class _Training:
         self.data_wait.restart()
 
     def close(self) -> None:
-        self.ckpt.close()
+        self.ckpt.close()  # saves in flight read the data position: before closing the data
         self.writer.close()
+        self.data.close()  # stops grain's worker processes (data.num_workers) now, not at exit
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,

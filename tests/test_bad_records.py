@@ -89,10 +89,12 @@ def _replacement(record: int) -> int:
 def test_pipeline_skips_counts_and_reports_bad_records(planted, capfd):
     source, _ = load_split("planted", "train", planted)
     order = _stream_order(seed=3, positions=2 * POOL)  # two epochs
-    for threads in (2, 0):  # the same batches with and without reader threads
+    # The same batches with and without reader threads, and in grain worker processes.
+    for threads, workers in ((2, 0), (0, 0), (1, 2)):
         it = iter(train_dataset(source, _preprocess(), batch_size=BATCH, seed=3,
-                                num_threads=threads))
+                                num_threads=threads, num_workers=workers))
         batches = [next(it) for _ in range(2 * POOL // BATCH)]
+        it.close()
         assert all(b["image"].shape == (BATCH, 16, 16, 3) for b in batches)  # always full
         got = np.concatenate([b["index"] for b in batches]).tolist()
         assert got == [_replacement(r) for r in order]
@@ -103,15 +105,17 @@ def test_pipeline_skips_counts_and_reports_bad_records(planted, capfd):
         assert re.search(rf"skipping record {index} of the training pool: .*{reason}", report)
 
 
-def test_error_policy_names_the_first_bad_record(planted):
+@pytest.mark.parametrize("workers", [0, 2])  # raised in a grain worker process: the same
+def test_error_policy_names_the_first_bad_record(planted, workers):
     source, _ = load_split("planted", "train", planted)
     first = next(r for r in _stream_order(seed=3, positions=POOL) if r in BAD)
     it = iter(train_dataset(source, _preprocess(), batch_size=BATCH, seed=3, num_threads=0,
-                            skip_bad_records=False))
+                            skip_bad_records=False, num_workers=workers))
     with pytest.raises(BadRecordError, match=rf"record {first} of the training pool is bad: "
                                              rf".*{BAD[first][1]}.*faults.bad_records='skip'"):
         for _ in range(POOL // BATCH):
             next(it)
+    it.close()
 
 
 def test_evaluation_reads_whole_splits_so_a_bad_record_is_an_error(planted):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -41,6 +42,13 @@ def test_cached_and_online_reference_select_the_same(jest_config, tmp_path):
     emb = ref.embed(ref.params, batch_online)
     np.testing.assert_allclose(batch_cached["ref_image"], emb.image, atol=2e-6)
     np.testing.assert_allclose(batch_cached["ref_text"], emb.text, atol=2e-6)
+    # grain worker processes (data.num_workers) get the cache by its path, not a copy,
+    # and attach the same embeddings.
+    assert len(pickle.dumps(cached.wired.reference.attach)) < 10_000
+    cached_config.data.num_workers = 2
+    batch_workers = _first_super_batch(build.build(cached_config))
+    for key in ("index", "ref_image", "ref_text", "image"):
+        np.testing.assert_array_equal(batch_workers[key], batch_cached[key])
 
     params = online.state.init(0)["params"]
     for seed in range(3):

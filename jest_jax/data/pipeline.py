@@ -38,6 +38,7 @@ class DataSpec:
     text_style: str
     num_threads: int
     max_caption_bytes: int
+    num_workers: int = 0
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -50,6 +51,12 @@ class DataSpec:
         #                                  case as jest_jax, SigLIP or SigLIP 2 expect
         #                                  (jest_jax/data/tokenizer.py, docs/pretrained.md)
         c.num_threads = 2                # grain reader threads per process
+        c.num_workers = 0                # grain worker processes decoding batches (each
+        #                                  with num_threads threads); 0: in this process.
+        #                                  Helps when JPEG decoding is the bottleneck and
+        #                                  the host has more cores than the threads can use
+        #                                  (docs/data.md). Batches and checkpoints are the
+        #                                  same for any value
         c.max_caption_bytes = 1024       # a longer caption (UTF-8) is a bad record (see
         #                                  faults): web alt-text that long is markup or
         #                                  boilerplate. Shorter captions are truncated to
@@ -71,6 +78,7 @@ class DataSpec:
                    text_len=section.integer("text_len", 2), tokenizer=tokenizer,
                    text_style=style,
                    num_threads=section.integer("num_threads", 0),
+                   num_workers=section.integer("num_workers", 0),
                    max_caption_bytes=section.integer("max_caption_bytes", 1))
 
     def preprocess(self, check_captions: bool = True) -> Preprocess:
@@ -155,6 +163,7 @@ def train_dataset(
     num_threads: int = 2,
     attach: Callable[[int], dict[str, np.ndarray]] | None = None,
     skip_bad_records: bool = True,
+    num_workers: int = 0,
 ) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled each epoch) batches of this process's share.
 
@@ -162,6 +171,8 @@ def train_dataset(
     Bad records are replaced by the next good one, or raise with `skip_bad_records=False`
     (`records.SkipBad`); each
     example's `bad_records` is 1 where the record at its place was bad.
+    `num_workers` > 0 decodes in that many grain worker processes (`_WorkerBatches`):
+    the same batches, and the same iterator state, as in this process.
     """
     if len(source) < batch_size:
         raise ValueError(
@@ -182,7 +193,71 @@ def train_dataset(
     ds = ds.batch(local, drop_remainder=True)
     # Buffer counts elements of the batched dataset: a couple of batches suffices.
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+    if num_workers:
+        return _WorkerBatches(ds, options, num_workers)
     return ds.to_iter_dataset(options)
+
+
+class _WorkerBatches(grain.IterDataset):
+    """`batches.to_iter_dataset(options)` decoded by `num_workers` grain worker processes.
+
+    grain's `mp_prefetch` gives worker w the batches w, w + K, … and interleaves them
+    back in order, so the batches are those of the in-process pipeline; but its own
+    iterator state is one position per worker, tied to K. This iterator's state is the
+    in-process one (`{"next_index": n}`, n batches delivered), so a checkpoint resumes
+    with any `data.num_workers`: set_state restarts the workers at batch n.
+    """
+
+    def __init__(self, batches: grain.MapDataset, options: grain.ReadOptions, num_workers: int):
+        super().__init__()
+        self.batches, self.options, self.num_workers = batches, options, num_workers
+
+    def __iter__(self) -> _WorkerIterator:
+        return _WorkerIterator(self)
+
+
+class _WorkerIterator(grain.DatasetIterator):
+    def __init__(self, dataset: _WorkerBatches):
+        super().__init__()
+        self._dataset = dataset
+        self._position = 0
+        self._workers: grain.DatasetIterator | None = None  # started on first use
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._workers is None:
+            _flags_for_workers()
+            d = self._dataset
+            self._workers = iter(d.batches[self._position:].to_iter_dataset(d.options)
+                                 .mp_prefetch(grain.MultiprocessingOptions(
+                                     num_workers=d.num_workers)))
+        batch = next(self._workers)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_index": self._position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._stop_workers()
+        self._position = int(state["next_index"])
+
+    def close(self) -> None:
+        self._stop_workers()
+        super().close()
+
+    def _stop_workers(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+
+def _flags_for_workers() -> None:
+    """grain reads its absl flags when it starts worker processes; a program that did not
+    parse flags (a library user, pytest) gets their defaults instead of an error."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class _GlobalPosition:
