@@ -36,6 +36,7 @@ from jest_jax.data.tokenizer import make_tokenizer
 from jest_jax.fields import ConfigError, Section
 from jest_jax.files import read_json, write_json
 from jest_jax.losses import Embeddings
+from jest_jax.metrics import compiled_flops
 from jest_jax.models import Model, ModelSpec
 
 _WORKDIR = "selection.reference.workdir"
@@ -255,11 +256,16 @@ def write_cache(spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
     progress = log.Progress(-(-n // batch_size), 0)  # counts batches
     log.info(f"caching reference embeddings (step {ref.step} of {ref.workdir}) of "
              f"{pool.description}, {n} examples -> {directory}")
+    flops = 0.0  # the pass's cost, for comparisons that account for it (XLA, all devices)
+    batches = 0
     for i, local in enumerate(eval_batches(pool, data.preprocess(check_captions=False),
                                            batch_size=batch_size,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count())):
         batch = sharding.to_global({k: local[k] for k in ("image", "tokens")}, mesh)
+        if i == 0:
+            flops = compiled_flops(embed.lower(ref.params, batch).compile()) * mesh.size
+        batches = i + 1
         image, text = sharding.to_host(embed(ref.params, batch))
         index = sharding.to_host(sharding.to_global({"i": local["index"],
                                                      "m": local["mask"]}, mesh))
@@ -279,7 +285,8 @@ def write_cache(spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
             "format": CACHE_FORMAT, "reference_workdir": ref.workdir,
             "reference_step": ref.step, "num_examples": n, "pool": data.identity(),
             "log_temperature": float(ref.params["log_temperature"]),
-            "bias": float(ref.params["bias"]), "created": time.strftime("%Y-%m-%d %H:%M")})
+            "bias": float(ref.params["bias"]), "created": time.strftime("%Y-%m-%d %H:%M"),
+            "flops": flops * batches})
         # Swap by renames so that a crash leaves the old cache or the new one, never none.
         old = f"{directory.rstrip('/')}.old"
         shutil.rmtree(old, ignore_errors=True)

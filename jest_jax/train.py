@@ -15,7 +15,7 @@ from jest_jax.checkpoint import Checkpointer
 from jest_jax.data import sources
 from jest_jax.data.pipeline import train_dataset
 from jest_jax.files import write_atomically, write_json
-from jest_jax.metrics import MetricWriter, compiled_flops, read_metrics
+from jest_jax.metrics import MetricWriter, read_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,9 +98,7 @@ class _Training:
             log.info(f"already trained to step {self.start}; evaluating the final checkpoint")
             return self.run.evaluator.run(self.state["params"], self.start)
         batch, bad = self.next_batch()
-        # XLA reports one device's program; the run executes it on every device.
-        flops = compiled_flops(step_fn.lower(self.state, batch, reference).compile())
-        flops *= self.run.mesh.size
+        flops = self.run.wired.flops(batch, reference)
         if self.owes_evaluation():
             self.evaluate(self.start)
         results: dict[str, float] = {}
@@ -130,7 +128,7 @@ class _Training:
         return results
 
     def report(self, step: int, metrics: dict, health: faults.Health, bad: jax.Array,
-               flops_per_step: float) -> None:
+               flops_per_step: dict[str, float]) -> None:
         """Check a step's health and log its metrics (fetched a step late)."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         failed = jax.device_get(health).failed()
@@ -153,7 +151,7 @@ class _Training:
                 shown["clean"] = host["selection/clean_selected"]
             self.progress.update(step, shown)
             self.writer.write(step, {**host, "steps_per_sec": self.progress.steps_per_sec,
-                                     "flops": flops_per_step * step,
+                                     **{k: v * step for k, v in flops_per_step.items()},
                                      "faults/skipped_steps": self.counters["skipped_steps"],
                                      "data/bad_records": self.counters["bad_records"]})
 
