@@ -197,8 +197,7 @@ for name, axes, shape, rules, loss in (
     for _ in range(2):
         state, metrics, _ = wired.step(state, batch, {})
         losses.append(float(metrics["loss"]))
-    report[name] = {"losses": losses, "score": float(metrics["selection/score_selected"]),
-                    "flops": wired.flops(batch, {})}
+    report[name] = {"losses": losses, "score": float(metrics["selection/score_selected"])}
     np.savez(f"{out}/{name}.npz", **{sharding.path_name(p): np.asarray(v)
              for p, v in jax.tree_util.tree_leaves_with_path(state["params"])})
 print("RESULT" + json.dumps(report))
@@ -223,9 +222,6 @@ def test_one_and_eight_devices_agree(tmp_path):
         params = np.load(tmp_path / f"{name}.npz")
         for key in one.files:  # Adam's round-off-driven steps: see tests/test_sharding.py
             np.testing.assert_allclose(params[key], one[key], atol=1e-4, rtol=0, err_msg=key)
-        # FLOPs over all devices: about the same whole, update and scoring on any layout.
-        for key, value in runs["one"]["flops"].items():
-            assert 0.9 < runs[name]["flops"][key] / value < 1.5, (name, key)
 
 
 @pytest.mark.slow
