@@ -66,17 +66,16 @@ def test_multi_resolution_loss_is_the_loss_of_the_concatenated_embeddings():
     batch = jax.tree.map(jnp.asarray, _batch(B))
     value = jax.jit(lambda p: step_lib.batch_loss(model, spec.loss, mesh, p, batch))(params)
     # Independently: the first λ·b images at patch 8, the rest at patch 4, one loss.
-    low = model.embed_images(params, batch["image"][:LOW], 8)
-    high = model.embed_images(params, batch["image"][LOW:])
-    text = model.embed_texts(params, batch["tokens"])
+    images = batch["image"]
+    low, high, full, text = jax.jit(lambda p: (
+        model.embed_images(p, images[:LOW], 8), model.embed_images(p, images[LOW:]),
+        model.embed_images(p, images), model.embed_texts(p, batch["tokens"])))(params)
     expected = _np_sigmoid_loss(np.concatenate([low, high]), text,
                                 params["log_temperature"], params["bias"])
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)
     # The low-resolution part really is another resolution, so the check can tell.
-    full = model.embed_images(params, batch["image"][:LOW])
-    assert np.abs(np.asarray(full) - np.asarray(low)).max() > 1e-2
-    plain = _np_sigmoid_loss(model.embed_images(params, batch["image"]), text,
-                             params["log_temperature"], params["bias"])
+    assert np.abs(np.asarray(full[:LOW]) - np.asarray(low)).max() > 1e-2
+    plain = _np_sigmoid_loss(full, text, params["log_temperature"], params["bias"])
     assert abs(plain - expected) > 1e-3
 
 
@@ -87,6 +86,7 @@ def test_gradients_from_both_resolutions_reach_the_shared_embeddings():
     batch = jax.tree.map(jnp.asarray, _batch(B, seed=1))
     shared = ("patch_kernel", "pos_embedding")
 
+    @jax.jit
     def loss(p):
         return step_lib.batch_loss(model, spec.loss, mesh, p, batch)
 
@@ -118,8 +118,7 @@ def test_gradients_from_both_resolutions_reach_the_shared_embeddings():
                                    rtol=2e-2)
 
 
-@pytest.mark.parametrize("low_patch, fraction", [(8, 0.0), (4, 0.5)])
-def test_lambda_zero_or_full_patch_is_plain_jest_bitwise(low_patch, fraction):
+def test_lambda_zero_or_full_patch_is_plain_jest_bitwise():
     def jest(config):  # joint selection by hard_learner: the JEST machinery, no reference
         config.selection.update(method="joint", criterion="hard_learner", filter_ratio=0.5,
                                 num_chunks=4, score_patch_size=8)
@@ -128,16 +127,18 @@ def test_lambda_zero_or_full_patch_is_plain_jest_bitwise(low_patch, fraction):
 
     batch = _batch(2 * B)
     states = []
-    for config in (jest(_flexi(load_config("smoke.py"), 0)),
-                   jest(_flexi(load_config("smoke.py"), low_patch, fraction))):
+    for config in (jest(_flexi(load_config("smoke.py"), 0)),  # plain JEST
+                   jest(_flexi(load_config("smoke.py"), 8, 0.0)),  # λ = 0
+                   jest(_flexi(load_config("smoke.py"), 4, 0.5))):  # low patch = full
         spec, wired = _wired(config)
         assert spec.model.low_res_examples(B) == 0
         state, placed = wired.state.init(0), sharding.to_global(batch, wired.state.mesh)
         for _ in range(2):
             state, _, _ = wired.step(state, placed, {})
         states.append(jax.tree.map(np.asarray, state))
-    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
-        assert np.array_equal(a, b)
+    for other in states[1:]:
+        for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(other), strict=True):
+            assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("field, value, devices, message", [
