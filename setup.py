@@ -11,6 +11,8 @@ setup(
     python_requires=">=3.11",
     # Only the library: configs/ holds experiment files, loaded by path (`--config FILE`).
     packages=find_packages(include=["jest_jax", "jest_jax.*"]),
+    # Zero-shot class names and templates of the standard benchmarks (sources in README.md).
+    package_data={"jest_jax.data": ["benchmarks/*.txt", "benchmarks/*.md"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -2,26 +2,27 @@
 
 `wire` is the one place where model, optimizer, loss, selection and reference source
 become the jitted train step; `build` adds what a real run reads (tokenizer, reference
-files, eval splits). Training, `--mode eval`, `experiments/compile_paper.py` (with an
-abstract reference) and the benchmarks all go through `wire`, so there is no second
-wiring path (docs/design.md §4, "Train step").
+files, eval splits, the checkpoint `model.init_from` names). Training, `--mode eval`,
+`experiments/compile_paper.py` (with an abstract reference) and the benchmarks all go
+through `wire`, so there is no second wiring path (docs/design.md §4, "Train step").
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
 
 from jest_jax import config as config_lib
-from jest_jax import sharding
+from jest_jax import log, sharding
 from jest_jax.data.pipeline import Preprocess
 from jest_jax.evaluate import EvalRunner
 from jest_jax.metrics import compiled_flops
-from jest_jax.models import Model
+from jest_jax.models import Model, big_vision
 from jest_jax.reference import NoReference, ReferenceSource
 from jest_jax.scoring import Scorer
 from jest_jax.step import TrainState, jit_train_step, make_train_step
@@ -103,6 +104,19 @@ class Run:
     def state(self) -> TrainState:
         return self.wired.state
 
+    def initial_state(self) -> dict:
+        """The train state a new run starts from: `model.init_from`'s params if given
+        (read only now, not when a run resumes), else a random init from the seed."""
+        return self.state.init(self.spec.seed, self.initial_params())
+
+    def initial_params(self) -> dict | None:
+        """`model.init_from`'s params as host arrays; None without one."""
+        if not self.spec.model.init_from:
+            return None
+        with init_checkpoint(self.spec, self.model) as (file, fields):
+            log.info(f"initialising the model from {self.spec.model.init_from}")
+            return file.params(self.model, fields, self.spec.model.init_resize_posemb)
+
 
 def build(config: ml_collections.ConfigDict, selection: bool = True) -> Run:
     """Validate `config` for this process's devices and build its run.
@@ -115,6 +129,23 @@ def build(config: ml_collections.ConfigDict, selection: bool = True) -> Run:
     preprocess = spec.data.preprocess()
     reference = spec.reference.open(spec.data, mesh, spec.mesh) if selection else NoReference()
     wired = wire(spec, mesh, preprocess.tokenizer.vocab_size, reference, selection)
+    if spec.model.init_from:  # every key and shape, before anything is compiled
+        with init_checkpoint(spec, wired.model) as (file, fields):
+            file.check(wired.model, fields, spec.model.init_resize_posemb)
     evaluator = EvalRunner(spec.evals, wired.model, mesh, wired.state.sharding["params"],
                            preprocess)
     return Run(spec, mesh, preprocess, wired, evaluator)
+
+
+@contextlib.contextmanager
+def init_checkpoint(spec: config_lib.Spec, model: Model
+                    ) -> Iterator[tuple[big_vision.NpzCheckpoint, big_vision.Fields]]:
+    """The file `model.init_from` names, and the fields its messages name."""
+    m = spec.model
+    fields = big_vision.Fields(
+        "model.init_from", "model.init_resize_posemb",
+        f"config.model (image_variant={m.image_variant!r}, text_variant={m.text_variant!r}, "
+        f"patch_size={m.patch_size}, image_pool={m.image_pool!r}, "
+        f"image_head={m.image_head}, embed_dim={m.embed_dim})")
+    with big_vision.NpzCheckpoint(m.init_from, "model.init_from") as file:
+        yield file, fields

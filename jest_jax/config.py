@@ -21,6 +21,7 @@ import ml_collections
 from jest_jax.checkpoint import CheckpointSpec
 from jest_jax.data import sources
 from jest_jax.data.pipeline import DataSpec
+from jest_jax.embed import EmbedSpec
 from jest_jax.evaluate import OPTIONS as EVAL_OPTIONS
 from jest_jax.evaluate import REGISTRY as EVALUATORS
 from jest_jax.evaluate import EvalSpec
@@ -58,6 +59,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint = CheckpointSpec.defaults()
     c.faults = FaultPolicy.defaults()
     c.logging = LoggingSpec.defaults()
+    c.embed = EmbedSpec.defaults()
     return c
 
 
@@ -120,6 +122,7 @@ class Spec:
     checkpoint: CheckpointSpec
     faults: FaultPolicy
     logging: LoggingSpec
+    embed: EmbedSpec
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -151,7 +154,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     return Spec(config, seed, batch, total, data, model, loss, optimizer, selection, reference,
                 evals, mesh, CheckpointSpec.from_config(top.section("checkpoint")),
                 FaultPolicy.from_config(top.section("faults")),
-                LoggingSpec.from_config(top.section("logging")))
+                LoggingSpec.from_config(top.section("logging")),
+                EmbedSpec.from_config(top.section("embed"), config))
 
 
 def _check_low_res_part(top: Section, model: ModelSpec, batch: int) -> None:

@@ -1,9 +1,11 @@
-"""Evaluators: zero-shot classification and image↔text retrieval, and the registry for more.
+"""Evaluators: zero-shot classification, image↔text retrieval (one or several captions
+per image) and the few-shot linear probe, and the registry for more.
 
 `config.evals` holds a few options and any number of tasks, each a group whose `kind`
 names a registered evaluator class (or `"package.module:Class"`) that validates the
 task's other fields (docs/design.md §4, "Evaluator"). A task maps an `EvalContext` (the
-embedded eval split, class names, a text embedder) to `{"<task>/<metric>": value}`.
+embedded eval split, class names, a text embedder) to `{"<task>/<metric>": value}`; the
+metrics themselves are NumPy functions in `jest_jax.eval_metrics`.
 Eval splits are small: their preprocessed examples are cached on the host after the
 first pass, each split is embedded once per evaluation whatever the number of tasks on
 it, with the same mesh as training.
@@ -12,35 +14,23 @@ it, with the same mesh as training.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 
-from jest_jax import sharding
-from jest_jax.data import sources
+from jest_jax import eval_metrics, sharding
+from jest_jax.data import prompts, sources
 from jest_jax.data.pipeline import Preprocess, eval_batches
 from jest_jax.fields import ConfigError, Section
 from jest_jax.models import Model
 from jest_jax.registry import Registry
 
 GENERIC_TEMPLATES = ("a photo of a {}.", "{}")
-RECALL_AT = (1, 5, 10)
 OPTIONS = ("every_steps", "batch_size", "max_examples")  # the fields of evals that are no task
-
-
-def recall_at_k(similarity: np.ndarray, ks: tuple[int, ...] = RECALL_AT) -> dict[str, float]:
-    """Row i's correct column is i; returns the fraction of rows ranking it in the top k."""
-    correct = np.diagonal(similarity)[:, None]
-    rank = (similarity > correct).sum(axis=1)  # ties resolved in favour of the correct item
-    return {f"r{k}": float(np.mean(rank < k)) for k in ks}
-
-
-def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of nearest class embedding (rows are unit-norm embeddings)."""
-    return float(np.mean(np.argmax(image_emb @ class_emb.T, axis=1) == labels))
+recall_at_k = eval_metrics.recall_at_k
 
 
 class EvalContext(Protocol):
@@ -52,10 +42,12 @@ class EvalContext(Protocol):
         """The opened split (class names, templates, length)."""
 
     def split(self, data: sources.DataSource) -> dict[str, np.ndarray]:
-        """The split embedded: unit `image` and `text` rows, plus every scalar field."""
+        """The split embedded: unit `image` rows, unit `text` rows (only when the split has
+        captions), the record `index` and every scalar field."""
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit text embeddings of arbitrary strings (prompts): f[len(texts), D]."""
+        """Unit text embeddings of arbitrary strings (prompts): f[len(texts), D], in device
+        calls of at most `evals.batch_size` texts."""
 
 
 class Evaluator(Protocol):
@@ -63,6 +55,8 @@ class Evaluator(Protocol):
 
     name: str  # the task's key in config.evals; metrics are "<name>/<metric>"
     data: sources.DataSource  # the split it evaluates on
+    # Optional: `extra_data`, {field: split} of the other splits it reads (a probe's train
+    # split), opened and checked like `data`.
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -73,7 +67,8 @@ class Evaluator(Protocol):
         """Validate the task (ConfigError naming the field); no I/O."""
 
     def check(self, pool: sources.Pool) -> None:
-        """At start-up, before training: ConfigError if the data cannot serve this task."""
+        """At start-up, before training: ConfigError if the data cannot serve this task
+        (called for `data` and each split of `extra_data`)."""
 
     def __call__(self, context: EvalContext) -> dict[str, float]: ...
 
@@ -85,85 +80,255 @@ REGISTRY: Registry[type[Evaluator]] = Registry("evaluator kind", "Class",
 @REGISTRY.register("retrieval")
 @dataclasses.dataclass(frozen=True)
 class Retrieval:
-    """Image→text and text→image recall at 1, 5 and 10 (each image's caption is its match)."""
+    """Image→text and text→image recall at 1, 5 and 10.
+
+    One caption per record (`caption`) by default, its image its match. With several
+    captions per image (the COCO / Flickr30k protocol, `eval_metrics.multi_caption_recall`)
+    either `captions` names a sequence feature of each record (`"captions/text"` reads the
+    field `text` of a sequence of dicts, like TFDS `coco_captions`), or `group_by` names a
+    scalar feature shared by the records of one image (one record per caption). Image→text
+    is a hit when any of the image's captions is in the top k; text→image ranks each
+    caption's image among all images.
+    """
 
     name: str
     data: sources.DataSource
+    captions: str
+    group_by: str
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict(dict(kind="retrieval", data=sources.pool(split="eval")))
+        return ml_collections.ConfigDict(dict(
+            kind="retrieval", data=sources.pool(split="eval"),
+            captions="",             # "": the `caption` of each record; else a feature
+            #                          holding several ("captions", "captions/text")
+            group_by="",             # "": one image per record; else the feature naming
+            #                          each record's image (one record per caption)
+        ))
 
     @classmethod
     def from_config(cls, name: str, section: Section) -> Retrieval:
-        return cls(name, sources.from_config(section.section("data")))
+        # Absent fields: tasks written before they existed.
+        captions, group_by = (section.node.get(k, "") for k in ("captions", "group_by"))
+        for key, value in (("captions", captions), ("group_by", group_by)):
+            section.check(isinstance(value, str), key, value, "must be a feature name or ''")
+        section.check(not (captions and group_by), "group_by", group_by,
+                      "cannot be combined with captions: give one of the two")
+        return cls(name, sources.from_config(section.section("data")), captions, group_by)
 
     def check(self, pool: sources.Pool) -> None:
-        pass
+        needed = [self.captions.split("/")[0]] if self.captions else ["caption"]
+        needed += [self.group_by] if self.group_by else []
+        for feature in needed:
+            if feature not in pool.features:
+                raise ConfigError(f"config.evals.{self.name}.data: {pool.description} has "
+                                  f"no {feature!r} feature (features: {sorted(pool.features)})")
 
     def __call__(self, context: EvalContext) -> dict[str, float]:
         split = context.split(self.data)
-        sim = split["image"] @ split["text"].T
-        return {**{f"{self.name}/i2t_{k}": v for k, v in recall_at_k(sim).items()},
-                **{f"{self.name}/t2i_{k}": v for k, v in recall_at_k(sim.T).items()}}
+        if self.captions:
+            pool = context.pool(self.data)
+            # The captions are re-read from the records (the embedded split holds scalars).
+            per_image = [_texts(pool[int(i)], self.captions) for i in split["index"]]
+            text = context.embed_texts([t for texts in per_image for t in texts])
+            owner = np.repeat(np.arange(len(per_image)), [len(t) for t in per_image])
+            metrics = eval_metrics.multi_caption_recall(split["image"] @ text.T, owner)
+        elif self.group_by:
+            _, first, owner = np.unique(split[self.group_by], return_index=True,
+                                        return_inverse=True)
+            metrics = eval_metrics.multi_caption_recall(
+                split["image"][first] @ split["text"].T, owner.reshape(-1))
+        else:
+            sim = split["image"] @ split["text"].T
+            metrics = {**{f"i2t_{k}": v for k, v in recall_at_k(sim).items()},
+                       **{f"t2i_{k}": v for k, v in recall_at_k(sim.T).items()}}
+        return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+
+def _texts(record: Any, path: str) -> list[str]:
+    """The captions at `path` ("captions" or "captions/text") of a record, as strings."""
+    value = record
+    for part in path.split("/"):
+        value = value[part]
+    values = [value] if isinstance(value, str | bytes) else list(np.asarray(value).reshape(-1))
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
 @REGISTRY.register("zero_shot")
 @dataclasses.dataclass(frozen=True)
 class ZeroShot:
-    """Top-1 accuracy of the nearest class prompt, per class-label feature.
+    """Zero-shot classification by the nearest class prompt, per class-label feature:
+    top-1 (`<task>/<label>`), top-5 (`<task>/<label>_top5`) and mean per-class accuracy
+    (`<task>/<label>_mean_per_class`).
 
     A class's embedding is the mean of its prompts over the templates, re-normalised.
-    Templates: the task's own, else the dataset's (embedded datasets ship some), else
-    generic ones.
+    Class names: the task's (`class_names`: a built-in set, a file or a list;
+    `jest_jax.data.prompts`), else the dataset's ClassLabel names. Templates: the task's,
+    else the dataset's own (embedded datasets ship some), else generic ones. Needs only
+    an image and a label per record: the split may have no captions.
     """
 
     name: str
     data: sources.DataSource
     label_keys: tuple[str, ...]
-    templates: tuple[str, ...]
+    class_names: prompts.TextList
+    templates: prompts.TextList
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(dict(
             kind="zero_shot", data=sources.pool(split="eval"),
             label_keys=("shape", "color", "size", "position"),
-            templates=(),            # (): the dataset's own prompt templates, if it has them
+            class_names=(),          # (): the dataset's ClassLabel names; else a built-in
+            #                          set (("imagenet",)), a file or the names (one label key)
+            templates=(),            # (): the dataset's own, else generic; else a built-in
+            #                          set (("clip_imagenet_80",)), a file or the templates
         ))
 
     @classmethod
     def from_config(cls, name: str, section: Section) -> ZeroShot:
         data = sources.from_config(section.section("data"))
         keys = section.get("label_keys")
+        keys = (keys,) if isinstance(keys, str) else keys
         section.check(isinstance(keys, tuple | list) and len(keys) > 0
                       and all(isinstance(k, str) and k for k in keys), "label_keys", keys,
                       "must be a non-empty list of label feature names")
-        templates = section.get("templates")
-        section.check(isinstance(templates, tuple | list)
-                      and all(isinstance(t, str) and "{}" in t for t in templates),
-                      "templates", templates, "must be a list of prompt strings, each with one "
-                      "'{}' for the class name (empty: the dataset's own)")
-        return cls(name, data, tuple(keys), tuple(templates))
+        class_names = prompts.TextList.parse(section, "class_names", templates=False)
+        section.check(not class_names.given or len(keys) == 1, "label_keys", keys,
+                      "must name one label feature when class_names is given")
+        templates = prompts.TextList.parse(section, "templates", templates=True)
+        return cls(name, data, tuple(keys), class_names, templates)
 
     def check(self, pool: sources.Pool) -> None:
         for label in self.label_keys:
-            if pool.class_names(label) is None:
+            if label not in pool.features:
                 raise ConfigError(
-                    f"config.evals.{self.name}.label_keys: {label!r} is not a class-label "
-                    f"feature of {pool.description} (features: {sorted(pool.features)})")
+                    f"config.evals.{self.name}.label_keys: {pool.description} has no label "
+                    f"feature {label!r}, and zero-shot classification needs a label per "
+                    f"image (features: {sorted(pool.features)})")
+            self._texts(pool, label)  # reads the files: a missing one fails now
+
+    def _texts(self, pool: sources.Pool, label: str) -> tuple[list[str], list[str]]:
+        """The class names and templates for `label` (ConfigError if they do not fit)."""
+        own = pool.class_names(label)
+        if self.class_names.given:
+            names = self.class_names.load()
+            if own is not None and len(own) != len(names):
+                raise ConfigError(
+                    f"config.evals.{self.name}.class_names: {len(names)} names, but "
+                    f"{label!r} of {pool.description} has {len(own)} classes")
+        elif own is None:
+            raise ConfigError(
+                f"config.evals.{self.name}.label_keys: {label!r} is not a class-label "
+                f"feature of {pool.description}; name its classes with class_names "
+                f"(features: {sorted(pool.features)})")
+        else:
+            names = own
+        templates = (self.templates.load() if self.templates.given
+                     else pool.templates(label) or list(GENERIC_TEMPLATES))
+        return names, templates
 
     def __call__(self, context: EvalContext) -> dict[str, float]:
         pool, split = context.pool(self.data), context.split(self.data)
         out = {}
         for label in self.label_keys:
-            names = pool.class_names(label)
-            templates = self.templates or tuple(pool.templates(label) or GENERIC_TEMPLATES)
-            prompts = [t.format(n) for n in names for t in templates]
-            emb = context.embed_texts(prompts).reshape(len(names), len(templates), -1)
-            emb = emb.mean(axis=1)
-            class_emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-            out[f"{self.name}/{label}"] = zero_shot_accuracy(split["image"], class_emb,
-                                                             split[label])
+            names, templates = self._texts(pool, label)
+            class_emb = class_embeddings(context.embed_texts, names, templates)
+            try:
+                metrics = eval_metrics.classification(split["image"] @ class_emb.T,
+                                                      split[label])
+            except ValueError as e:
+                raise ValueError(f"evals.{self.name} on {pool.description}: {e}") from None
+            out[f"{self.name}/{label}"] = metrics["top1"]
+            out[f"{self.name}/{label}_top5"] = metrics["top5"]
+            out[f"{self.name}/{label}_mean_per_class"] = metrics["mean_per_class"]
+        return out
+
+
+def class_embeddings(embed_texts: Callable[[Sequence[str]], np.ndarray], names: Sequence[str],
+                     templates: Sequence[str], max_prompts: int = 8192) -> np.ndarray:
+    """Unit class embeddings f[classes, D]: each class's prompts embedded, averaged over
+    the templates and re-normalised. Asked of `embed_texts` (which batches device calls)
+    a group of classes at a time, so host memory stays at `max_prompts` rows."""
+    per_call = max(1, max_prompts // len(templates))
+    out = []
+    for start in range(0, len(names), per_call):
+        group = names[start:start + per_call]
+        emb = embed_texts([prompts.fill(t, n) for n in group for t in templates])
+        out.append(emb.reshape(len(group), len(templates), -1).mean(axis=1))
+    emb = np.concatenate(out)
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+@REGISTRY.register("few_shot")
+@dataclasses.dataclass(frozen=True)
+class FewShot:
+    """Few-shot linear probe on frozen image embeddings (`<task>/<k>shot`, for each k).
+
+    For each k of `shots`, k examples of every class of `train_data` are drawn (by
+    `seed`), a closed-form ridge regression onto one-hot labels is fitted to their unit
+    image embeddings (`eval_metrics.ridge_probe_accuracy`), and its accuracy is measured
+    on the held-out `data`. Captions are not needed. `train_data` is embedded whole:
+    point it at a slice (`split="train[:50000]"`) of a large split.
+    """
+
+    name: str
+    data: sources.DataSource
+    train_data: sources.DataSource
+    label_key: str
+    shots: tuple[int, ...]
+    l2_reg: float
+    seed: int
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(dict(
+            kind="few_shot",
+            data=sources.pool(split="eval"),          # the held-out split scored
+            train_data=sources.pool(split="curated"),  # the k shots are drawn from it
+            label_key="shape",       # an integer class-label feature of both splits
+            shots=(1, 5, 10),        # k examples per class, one probe for each k
+            l2_reg=1.0,              # ridge penalty on the (unit-norm) embedding weights
+            seed=0,                  # which k examples are drawn
+        ))
+
+    @classmethod
+    def from_config(cls, name: str, section: Section) -> FewShot:
+        shots = section.get("shots")
+        section.check(isinstance(shots, tuple | list) and len(shots) > 0 and all(
+            isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shots),
+            "shots", shots, "must be a non-empty list of positive integers")
+        return cls(name, sources.from_config(section.section("data")),
+                   sources.from_config(section.section("train_data")),
+                   section.string("label_key", nonempty=True), tuple(shots),
+                   section.number("l2_reg", lambda v: v > 0, "must be > 0"),
+                   section.integer("seed", 0, 2**32 - 1))
+
+    @property
+    def extra_data(self) -> dict[str, sources.DataSource]:
+        return {"train_data": self.train_data}
+
+    def check(self, pool: sources.Pool) -> None:
+        if self.label_key not in pool.features:
+            raise ConfigError(
+                f"config.evals.{self.name}.label_key: {pool.description} has no label "
+                f"feature {self.label_key!r} (features: {sorted(pool.features)})")
+
+    def __call__(self, context: EvalContext) -> dict[str, float]:
+        train, test = context.split(self.train_data), context.split(self.data)
+        train_y, test_y = (s[self.label_key].astype(np.int64) for s in (train, test))
+        names = context.pool(self.data).class_names(self.label_key)
+        classes = len(names) if names else int(max(train_y.max(), test_y.max())) + 1
+        out = {}
+        for k in self.shots:
+            try:
+                chosen = eval_metrics.few_shot_indices(train_y, k, self.seed)
+            except ValueError as e:
+                raise ValueError(f"evals.{self.name}: train_data "
+                                 f"{context.pool(self.train_data).description}: {e}") from None
+            out[f"{self.name}/{k}shot"] = eval_metrics.ridge_probe_accuracy(
+                train["image"][chosen], train_y[chosen], test["image"], test_y, classes,
+                self.l2_reg)
         return out
 
 
@@ -234,15 +399,25 @@ class EvalRunner:
                                     out_shardings=out)
         self._pools: dict[str, sources.Pool] = {}
         for task in spec.tasks:
-            key = _key(task.data)
-            if key not in self._pools:
-                self._pools[key] = sources.open_source(task.data, f"evals.{task.name}.data")
-            task.check(self._pools[key])
+            # Every split a task reads: `data`, and any `extra_data` (a probe's train split).
+            for field, data in {"data": task.data, **getattr(task, "extra_data", {})}.items():
+                key = _key(data)
+                if key not in self._pools:
+                    self._pools[key] = sources.open_source(data, f"evals.{task.name}.{field}")
+                task.check(self._pools[key])
+        # A split without captions (ImageNet, CIFAR) is embedded as images only.
+        self._preprocess = {key: preprocess if "caption" in pool.features
+                            else preprocess.without_captions()
+                            for key, pool in self._pools.items()}
         self._batches: dict[str, list[dict]] = {}
+
+    def context(self, params: Any, step: int | None = None) -> EvalContext:
+        """What tasks are given for `params`: each split embedded on first request."""
+        return _Context(self, params, step)
 
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """`{"<task>/<metric>": value}` for every task; each eval split is embedded once."""
-        context = _Context(self, params, step)
+        context = self.context(params, step)
         results: dict[str, float] = {}
         for task in self.spec.tasks:
             results.update(task(context))
@@ -253,7 +428,7 @@ class EvalRunner:
         if key not in self._batches:
             limit = self.spec.max_examples
             self._batches[key] = list(eval_batches(
-                self._pools[key], self.preprocess, batch_size=self.spec.batch_size,
+                self._pools[key], self._preprocess[key], batch_size=self.spec.batch_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 limit=None if limit == -1 else limit))
         return self._batches[key]
@@ -262,32 +437,40 @@ class EvalRunner:
         batches = self.batches(key)
         images, texts = [], []
         for local in batches:
-            batch = sharding.to_global({"image": local["image"], "tokens": local["tokens"]},
+            batch = sharding.to_global({k: local[k] for k in ("image", "tokens") if k in local},
                                        self.mesh)
             images.append(self._embed_images(params, batch["image"]))
-            texts.append(self._embed_texts(params, batch["tokens"]))
+            if "tokens" in batch:
+                texts.append(self._embed_texts(params, batch["tokens"]))
         extras = [{k: v for k, v in b.items() if k not in ("image", "tokens")} for b in batches]
         host = sharding.to_host({"image": images, "text": texts, "extras": extras})
         mask = np.concatenate([e["mask"] for e in host["extras"]])
-        out = {"image": np.concatenate(host["image"])[mask],
-               "text": np.concatenate(host["text"])[mask]}
+        out = {"image": np.concatenate(host["image"])[mask]}
+        if texts:
+            out["text"] = np.concatenate(host["text"])[mask]
         for k in host["extras"][0]:
             if k != "mask":
                 out[k] = np.concatenate([e[k] for e in host["extras"]])[mask]
         return out
 
     def embed_texts(self, params: Any, texts: Sequence[str]) -> np.ndarray:
-        tokens = np.stack([self.preprocess.tokenizer.encode(t, self.preprocess.text_len)
-                           for t in texts])
-        n_dev = self.mesh.size
-        padded = -(-len(tokens) // n_dev) * n_dev
-        tokens = np.pad(tokens, ((0, padded - len(tokens)), (0, 0)))
-        # Every process holds all texts; each passes its own rows of the global array.
-        rows = len(tokens) // jax.process_count()
-        local = tokens[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-        emb = np.asarray(sharding.to_host(self._embed_texts(
-            params, sharding.to_global({"t": local}, self.mesh)["t"])))
-        return emb[: len(texts)]
+        """Unit embeddings of `texts`, `evals.batch_size` per device call (1000 classes ×
+        80 templates are 80,000 prompts: never one call)."""
+        size = self.spec.batch_size  # divisible by the devices (validated)
+        out = []
+        for start in range(0, len(texts), size):
+            chunk = texts[start:start + size]
+            tokens = np.stack([self.preprocess.tokenizer.encode(t, self.preprocess.text_len)
+                               for t in chunk])
+            padded = -(-len(tokens) // self.mesh.size) * self.mesh.size
+            tokens = np.pad(tokens, ((0, padded - len(tokens)), (0, 0)))
+            # Every process holds all texts; each passes its own rows of the global array.
+            rows = len(tokens) // jax.process_count()
+            local = tokens[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+            emb = np.asarray(sharding.to_host(self._embed_texts(
+                params, sharding.to_global({"t": local}, self.mesh)["t"])))
+            out.append(emb[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def _key(data: sources.DataSource) -> str:

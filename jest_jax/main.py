@@ -4,6 +4,9 @@
     python -m jest_jax.main --config configs/shapes.py:stage=learner --workdir runs/learner \\
         --config.total_steps=1000
     python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke --mode eval
+    # unit embeddings of config.embed.pool (default data.train) with the latest checkpoint
+    python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke --mode embed \
+        --output runs/smoke/embeddings
     # reference embeddings of data.train, computed once (see configs/shapes.py)
     python -m jest_jax.main --config configs/shapes.py:stage=learner,method=joint,\
 reference=runs/ref,cache=runs/ref/cache --mode cache
@@ -33,10 +36,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go "
                                 "(train and eval modes).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cache"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cache", "embed"],
                           "train: train or resume; eval: evaluate the latest checkpoint; "
                           "cache: embed data.train with the reference into "
-                          "selection.reference.cache_dir.")
+                          "selection.reference.cache_dir; embed: write the embeddings of "
+                          "config.embed.pool by the workdir's latest checkpoint (else "
+                          "model.init_from) to --output.")
+_OUTPUT = flags.DEFINE_string("output", None, "embed mode: the directory the .npy files "
+                              "go to.")
 _STEP = flags.DEFINE_integer("step", None, "eval mode: the checkpoint step (default latest).")
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "train mode: checkpoint and exit at "
                                 "this step (the schedule still spans total_steps); re-run "
@@ -59,8 +66,10 @@ def main(argv: list[str]) -> None:
         config_lib.validate(config)  # device-independent checks, before any device is touched
     except (config_lib.ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    if _MODE.value != "cache" and not _WORKDIR.value:
+    if _MODE.value in ("train", "eval") and not _WORKDIR.value:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
+    if _MODE.value == "embed" and not _OUTPUT.value:
+        sys.exit("error: --output is required in embed mode")
 
     try:  # before anything touches a device
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -73,6 +82,9 @@ def main(argv: list[str]) -> None:
             results = train.train(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
         elif _MODE.value == "eval":
             results = train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+        elif _MODE.value == "embed":
+            train.embed(config, _WORKDIR.value, _OUTPUT.value)
+            return
         else:
             train.cache_reference(config)
             return

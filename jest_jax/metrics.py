@@ -1,4 +1,4 @@
-"""Metric writers (JSONL, TensorBoard without TensorFlow) and FLOP counts."""
+"""Metric writers (JSONL, TensorBoard without TensorFlow), FLOP counts and the input-wait meter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -14,6 +15,44 @@ import ml_collections
 
 from jest_jax.fields import Section
 from jest_jax.files import write_atomically
+
+# Training-row fields measured by the wall clock: the only ones that differ between two
+# runs of the same config (a resumed run and an uninterrupted one, say).
+WALL_CLOCK = ("steps_per_sec", "data_wait")
+
+
+class DataWait:
+    """`data_wait`: the fraction of wall time the training loop spends waiting for its
+    next input batch, per logging interval.
+
+    Near 0: the input pipeline keeps ahead (the loop waits on the device instead). Near
+    1: the device idles while the host decodes. Evaluations and checkpoint writes are
+    left out of the interval (`restart`).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._waited = 0.0
+        self._since = clock()
+
+    def next(self, iterator: Iterator) -> Any:
+        """`next(iterator)`, timed."""
+        start = self._clock()
+        try:
+            return next(iterator)
+        finally:
+            self._waited += self._clock() - start
+
+    def restart(self) -> None:
+        """Measure the next interval from here."""
+        self._waited, self._since = 0.0, self._clock()
+
+    def fraction(self) -> float:
+        """Waiting / elapsed since the last call (or restart); starts the next interval."""
+        elapsed = self._clock() - self._since
+        out = min(1.0, self._waited / elapsed) if elapsed > 0 else 0.0
+        self.restart()
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

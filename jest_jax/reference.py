@@ -8,7 +8,9 @@ input pipeline adds to each record, or None). Three are built in:
 
 * `NoReference`: criteria that read no reference, and plain SigLIP;
 * `OnlineReference`: a trained jest_jax run (`selection.reference.workdir`), rebuilt
-  from its `config.json` and restored params only (no optimizer, no Adam moments);
+  from its `config.json` and restored params only (no optimizer, no Adam moments), or a
+  public SigLIP checkpoint (`selection.reference.checkpoint`, a big_vision `.npz`, with
+  its `variant`; docs/pretrained.md), needing no jest_jax workdir;
 * `CachedReference`: the reference's embeddings of every example of the learner's pool,
   computed once by `--mode cache` into `selection.reference.cache_dir`, attached to
   each candidate by the pipeline, so no reference forward pass runs while training.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
@@ -31,18 +32,20 @@ import numpy as np
 from jest_jax import log, sharding
 from jest_jax.checkpoint import Checkpointer, CheckpointError, brief, latest_step
 from jest_jax.data import sources
-from jest_jax.data.pipeline import DataSpec, eval_batches
-from jest_jax.data.tokenizer import make_tokenizer
+from jest_jax.data.pipeline import DataSpec
+from jest_jax.embed import write_embeddings
 from jest_jax.fields import ConfigError, Section
-from jest_jax.files import read_json, write_json
+from jest_jax.files import read_json
 from jest_jax.losses import Embeddings
-from jest_jax.metrics import compiled_flops
-from jest_jax.models import Model, ModelSpec
+from jest_jax.models import Model, ModelSpec, big_vision
 
 _WORKDIR = "selection.reference.workdir"
 _CACHE = "selection.reference.cache_dir"
+_CHECKPOINT = "selection.reference.checkpoint"
+_VARIANT = "selection.reference.variant"
+_RESIZE = "selection.reference.resize_posemb"
 # Preprocessing the reference must share with the learner: both see the same batch.
-_SHARED_DATA_FIELDS = ("image_size", "text_len", "tokenizer")
+_SHARED_DATA_FIELDS = ("image_size", "text_len", "tokenizer", "text_style")
 CACHE_FORMAT = 1
 
 
@@ -64,15 +67,23 @@ class ReferenceSpec:
 
     workdir: str
     cache_dir: str
+    checkpoint: str
+    variant: str
+    resize_posemb: bool
     needed: bool
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
         c.workdir = ""    # a reference run's workdir; its latest checkpoint is loaded frozen.
-        #                   Needed by criteria using a reference
+        #                   Criteria using a reference need it or `checkpoint`
         c.cache_dir = ""  # reference embeddings of data.train, made by `--mode cache`; ""
         #                   runs the reference every step
+        c.checkpoint = ""  # instead of a workdir: a public SigLIP / SigLIP 2 big_vision .npz
+        #                    (local or gs://), docs/pretrained.md
+        c.variant = ""     # the checkpoint's variant: B/16, L/16, So400m/14, So400m/16
+        c.resize_posemb = False  # resize the checkpoint's image position embeddings to
+        #                          data.image_size (else another size is an error)
         return c
 
     @classmethod
@@ -81,13 +92,41 @@ class ReferenceSpec:
         """`needed`: the selection reads a reference (by `criterion`); `check_files=False`
         (abstract compiles) does not require the run to exist."""
         workdir, cache_dir = section.string("workdir"), section.string("cache_dir")
+        checkpoint, variant = section.string("checkpoint"), section.string("variant")
+        resize = section.boolean("resize_posemb")
+        section.check(not (workdir and checkpoint), "checkpoint", checkpoint,
+                      "cannot be given with selection.reference.workdir: the reference is "
+                      "a jest_jax run or a published checkpoint, not both")
+        if checkpoint:
+            try:
+                big_vision.variant_fields(variant)
+            except ValueError as e:
+                raise section.error("variant", variant, str(e)) from None
         if needed and check_files:
-            section.check(workdir != "", "workdir", workdir,
+            section.check(workdir != "" or checkpoint != "", "workdir", workdir,
                           f"criterion {criterion!r} needs a reference model: give the "
-                          "workdir of a run trained on curated data")
-            section.check(latest_step(workdir) is not None, "workdir", workdir,
-                          "has no checkpoint; train the reference there first")
-        return cls(workdir, cache_dir, needed)
+                          "workdir of a run trained on curated data, or a published "
+                          "checkpoint as selection.reference.checkpoint")
+            if workdir:
+                section.check(latest_step(workdir) is not None, "workdir", workdir,
+                              "has no checkpoint; train the reference there first")
+            elif "://" not in checkpoint:
+                section.check(os.path.isfile(checkpoint), "checkpoint", checkpoint,
+                              "is not a file")
+        return cls(workdir, cache_dir, checkpoint, variant, resize, needed)
+
+    def online(self, data: DataSpec, mesh: jax.sharding.Mesh,
+               mesh_spec: sharding.MeshSpec) -> OnlineReference:
+        """The reference model itself: the published checkpoint, or the run's latest."""
+        if self.checkpoint:
+            return OnlineReference.pretrained(self, data, mesh, mesh_spec)
+        return OnlineReference.load(self.workdir, data, mesh, mesh_spec)
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What names a published reference (its embedding cache records it)."""
+        path = self.checkpoint if "://" in self.checkpoint else os.path.realpath(
+            self.checkpoint)
+        return {"path": path, "variant": self.variant, "resize_posemb": self.resize_posemb}
 
     def open(self, data: DataSpec, mesh: jax.sharding.Mesh,
              mesh_spec: sharding.MeshSpec) -> ReferenceSource:
@@ -99,7 +138,7 @@ class ReferenceSpec:
             return NoReference()
         if self.cache_dir:
             return CachedReference.open(self, data)
-        return OnlineReference.load(self.workdir, data, mesh, mesh_spec)
+        return self.online(data, mesh, mesh_spec)
 
     def abstract(self, model: Model, mesh: jax.sharding.Mesh,
                  mesh_spec: sharding.MeshSpec) -> ReferenceSource:
@@ -109,6 +148,9 @@ class ReferenceSpec:
             return NoReference()
         if self.cache_dir:
             return CachedReference.abstract(mesh)
+        if self.checkpoint:
+            model = pretrained_model(self.variant, model.spec.image_size, model.spec.text_len,
+                                     model.vocab_size)
         return OnlineReference(model, placed_params(model, mesh, mesh_spec))
 
 
@@ -130,7 +172,8 @@ class OnlineReference:
     model: Model
     params: Any  # placed by the learner's sharding rules (or abstract, for compiles)
     step: int = 0
-    workdir: str = ""
+    workdir: str = ""   # the run it was trained in, or
+    checkpoint: str = ""  # the published file it was read from
     attach: ClassVar[None] = None
     batch_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -166,6 +209,36 @@ class OnlineReference:
             checkpointer.close()
         return cls(model, params, step, os.path.realpath(workdir))
 
+    @classmethod
+    def pretrained(cls, spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
+                   mesh_spec: sharding.MeshSpec) -> OnlineReference:
+        """A published big_vision checkpoint of `spec.variant`, every shape checked,
+        placed on `mesh` by the learner's rules."""
+        model = pretrained_model(spec.variant, data.image_size, data.text_len,
+                                 data.make_tokenizer().vocab_size)
+        fields = big_vision.Fields(_CHECKPOINT, _RESIZE, f"{_VARIANT}={spec.variant!r}")
+        log.info(f"loading the reference {spec.variant} from {spec.checkpoint}")
+        with big_vision.NpzCheckpoint(spec.checkpoint, _CHECKPOINT) as file:
+            params = file.params(model, fields, spec.resize_posemb)
+        return cls(model, sharding.from_host(params, placed_params(model, mesh, mesh_spec)),
+                   checkpoint=spec.checkpoint)
+
+    @property
+    def description(self) -> str:
+        return (f"{self.checkpoint}" if self.checkpoint
+                else f"step {self.step} of {self.workdir}")
+
+
+def pretrained_model(variant: str, image_size: int, text_len: int, vocab_size: int) -> Model:
+    """The model of a published `variant` for inputs of these sizes."""
+    fields = ModelSpec.defaults()
+    fields.update(big_vision.variant_fields(variant))
+    try:
+        spec = ModelSpec.from_config(Section(fields, "model"), image_size, text_len)
+    except ConfigError as e:
+        raise ConfigError(f"config.{_VARIANT}={variant!r} does not fit this data: {e}") from None
+    return Model(spec, vocab_size)
+
 
 def reference_model(workdir: str, data: DataSpec) -> Model:
     """The model of the run in `workdir`, checked to see inputs as the learner does."""
@@ -178,11 +251,13 @@ def reference_model(workdir: str, data: DataSpec) -> Model:
     # what the code did before the field existed (docs/design.md §4, "Config").
     model_fields = ModelSpec.defaults()
     model_fields.update(saved.get("model", {}))
+    data_defaults = DataSpec.defaults()
+    data_fields = {k: saved.data.get(k, data_defaults[k]) for k in _SHARED_DATA_FIELDS}
     for key in _SHARED_DATA_FIELDS:
-        if saved.data[key] != getattr(data, key):
+        if data_fields[key] != getattr(data, key):
             raise ConfigError(
                 f"config.{_WORKDIR}: the reference was trained with data.{key}="
-                f"{saved.data[key]!r} but this run uses {getattr(data, key)!r}; the "
+                f"{data_fields[key]!r} but this run uses {getattr(data, key)!r}; the "
                 "learner and reference score the same inputs, so they must match")
     try:
         spec = ModelSpec.from_config(Section(model_fields, "model"), data.image_size,
@@ -191,7 +266,7 @@ def reference_model(workdir: str, data: DataSpec) -> Model:
         raise ConfigError(f"config.{_WORKDIR}={workdir!r}: its config.json does not describe "
                           f"a model this version can build ({e}); it was written by an older "
                           "jest_jax, so retrain the reference") from None
-    return Model(spec, make_tokenizer(data.tokenizer).vocab_size)
+    return Model(spec, data.make_tokenizer().vocab_size)
 
 
 def placed_params(model: Model, mesh: jax.sharding.Mesh, mesh_spec: sharding.MeshSpec) -> Any:
@@ -240,62 +315,21 @@ def write_cache(spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
     directory = spec.cache_dir
     if not directory:
         raise ConfigError(f"config.{_CACHE} is empty: set where the cache should go")
-    if not spec.workdir:
-        raise ConfigError(f"config.{_WORKDIR} is empty: name the reference run to cache")
-    ref = OnlineReference.load(spec.workdir, data, mesh, mesh_spec)
+    if not spec.workdir and not spec.checkpoint:
+        raise ConfigError(f"config.{_WORKDIR} and config.{_CHECKPOINT} are empty: name the "
+                          "reference run or checkpoint to cache")
+    ref = spec.online(data, mesh, mesh_spec)
     pool = sources.open_source(data.train, "data.train")
-    n = len(pool)
-    embed = jax.jit(lambda p, b: ref.embed(p, b)[:2],  # (image, text)
-                    out_shardings=sharding.replicated(mesh))
-    write = jax.process_index() == 0
-    tmp = f"{directory.rstrip('/')}.partial"
-    if write:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    arrays: dict[str, np.ndarray] = {}
-    progress = log.Progress(-(-n // batch_size), 0)  # counts batches
-    log.info(f"caching reference embeddings (step {ref.step} of {ref.workdir}) of "
-             f"{pool.description}, {n} examples -> {directory}")
-    flops = 0.0  # the pass's cost, for comparisons that account for it (XLA, all devices)
-    batches = 0
-    for i, local in enumerate(eval_batches(pool, data.preprocess(check_captions=False),
-                                           batch_size=batch_size,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count())):
-        batch = sharding.to_global({k: local[k] for k in ("image", "tokens")}, mesh)
-        if i == 0:
-            flops = compiled_flops(embed.lower(ref.params, batch).compile()) * mesh.size
-        batches = i + 1
-        image, text = sharding.to_host(embed(ref.params, batch))
-        index = sharding.to_host(sharding.to_global({"i": local["index"],
-                                                     "m": local["mask"]}, mesh))
-        rows = index["i"][index["m"]]
-        if write:
-            for name, value in (("image", image), ("text", text)):
-                if name not in arrays:
-                    arrays[name] = np.lib.format.open_memmap(
-                        os.path.join(tmp, f"{name}.npy"), "w+", np.float32, (n, value.shape[1]))
-                arrays[name][rows] = np.asarray(value, np.float32)[index["m"]]
-        if (i + 1) % 20 == 0:
-            progress.update(i + 1, {})
-    if write:
-        for array in arrays.values():
-            array.flush()
-        write_json(os.path.join(tmp, "meta.json"), {
-            "format": CACHE_FORMAT, "reference_workdir": ref.workdir,
-            "reference_step": ref.step, "num_examples": n, "pool": data.identity(),
+    log.info(f"caching reference embeddings ({ref.description}) of "
+             f"{pool.description}, {len(pool)} examples -> {directory}")
+    meta = {"format": CACHE_FORMAT, "reference_workdir": ref.workdir,
+            "reference_step": ref.step, "pool": data.identity(),
+            **({"reference_checkpoint": spec.checkpoint_identity()} if spec.checkpoint
+               else {}),
             "log_temperature": float(ref.params["log_temperature"]),
-            "bias": float(ref.params["bias"]), "created": time.strftime("%Y-%m-%d %H:%M"),
-            "flops": flops * batches})
-        # Swap by renames so that a crash leaves the old cache or the new one, never none.
-        old = f"{directory.rstrip('/')}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(directory):
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    log.info(f"wrote {directory}")
-    return directory
+            "bias": float(ref.params["bias"]), "created": time.strftime("%Y-%m-%d %H:%M")}
+    return write_embeddings(directory, lambda p, b: ref.embed(p, b)[:2], ref.params, pool,
+                            data.preprocess(check_captions=False), mesh, batch_size, meta)
 
 
 class ReferenceCache:
@@ -315,8 +349,16 @@ class ReferenceCache:
         if self.meta["pool"] != data.identity():
             raise ConfigError(f"config.{_CACHE}={directory!r} was made for {self.meta['pool']}, "
                               f"but this run trains on {data.identity()}; re-create it")
-        workdir = os.path.realpath(spec.workdir)
-        if (self.meta["reference_workdir"], self.meta["reference_step"]) != (
+        made = self.meta.get("reference_checkpoint")
+        workdir = os.path.realpath(spec.workdir) if spec.workdir else ""
+        if spec.checkpoint or made:
+            if made != (spec.checkpoint_identity() if spec.checkpoint else None):
+                raise ConfigError(
+                    f"config.{_CACHE}={directory!r} was made with the reference "
+                    f"{made or self.meta['reference_workdir']}, not "
+                    f"{spec.checkpoint_identity() if spec.checkpoint else workdir}; "
+                    "re-create it")
+        elif (self.meta["reference_workdir"], self.meta["reference_step"]) != (
                 workdir, latest_step(workdir)):
             raise ConfigError(
                 f"config.{_CACHE}={directory!r} holds step {self.meta['reference_step']} of "

@@ -17,8 +17,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint import multihost
 
 from jest_jax.fields import ConfigError, Section
 
@@ -56,11 +58,29 @@ def initialize_distributed(coordinator_address: str | None = None,
         # CPU devices of different processes talk through gloo (no-op for GPU/TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        # gloo builds its communication context at the first collective and gives a
+        # late peer only 30 s (not configurable). Build it now, while the processes
+        # have just met at the coordinator, not at the first train step, which a
+        # loaded machine may reach tens of seconds apart.
+        sync_processes("jest_jax: joined")
+        multihost_utils.sync_global_devices("jest_jax: gloo context")
         return True
     if on_tpu_vm():
         jax.distributed.initialize()
         return True
     return False
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process has reached the barrier `name` (unique per run).
+
+    The barrier lives on the coordination service, not on the devices, so it has its
+    own generous timeout: a process that compiles or restores more slowly than the
+    others (a loaded host) is waited for instead of failing a device collective.
+    No-op with one process.
+    """
+    if jax.process_count() > 1:
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def mesh_shape(axes: Sequence[str], shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -271,6 +291,15 @@ def placed(tree: Any, mesh: Mesh) -> Any:
                         else replicated(mesh), tree)
 
 
+def from_host(tree: Any, abstract: Any) -> Any:
+    """Host (NumPy) arrays, the same on every process, placed as `abstract`'s sharded
+    ShapeDtypeStructs say (each device takes its own slice)."""
+    return jax.tree.map(
+        lambda a, x: jax.make_array_from_callback(a.shape, a.sharding,
+                                                  lambda index: np.asarray(x[index], a.dtype)),
+        abstract, tree)
+
+
 def to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's slice of a batch → global `jax.Array`s sharded over the mesh."""
     sharding = batch_sharding(mesh)
@@ -281,7 +310,5 @@ def to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 def to_host(tree: Any) -> Any:
     """Fetch (possibly multi-host) arrays as NumPy on every process."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)

@@ -45,9 +45,18 @@ class TrainState:
         return {"params": params, "opt_state": self.optimizer.tx.init(params),
                 "step": jnp.zeros((), jnp.int32)}
 
-    def init(self, seed: int) -> State:
-        """Fresh state, created directly with its final sharding."""
-        return jax.jit(self._init, out_shardings=self.sharding)(jax.random.key(seed))
+    def init(self, seed: int, params: dict | None = None) -> State:
+        """Fresh state, created directly with its final sharding; with `params` (host
+        arrays of the params' shapes, e.g. a pretrained checkpoint), those instead of a
+        random init, and a fresh optimizer state for them."""
+        if params is None:
+            return jax.jit(self._init, out_shardings=self.sharding)(jax.random.key(seed))
+        placed = sharding.from_host(params, self.abstract_params())
+        return jax.jit(self._from_params, out_shardings=self.sharding)(placed)
+
+    def _from_params(self, params: dict) -> State:
+        return {"params": params, "opt_state": self.optimizer.tx.init(params),
+                "step": jnp.zeros((), jnp.int32)}
 
     def abstract_sharded(self) -> State:
         """Shapes, dtypes and shardings of the state: the restore target for orbax."""

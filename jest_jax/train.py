@@ -1,5 +1,6 @@
 """The one training loop, and the other run modes (evaluate a checkpoint, cache the
-reference). Every method runs here; selection is a stage of the step (`jest_jax.step`)."""
+reference, write a pool's embeddings). Every method runs here; selection is a stage of
+the step (`jest_jax.step`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from jest_jax import build, faults, log, sharding
 from jest_jax import config as config_lib
 from jest_jax import reference as reference_lib
-from jest_jax.checkpoint import Checkpointer
+from jest_jax.checkpoint import Checkpointer, latest_step
 from jest_jax.data import sources
 from jest_jax.data.pipeline import train_dataset
+from jest_jax.embed import write_embeddings
 from jest_jax.files import write_atomically, write_json
-from jest_jax.metrics import MetricWriter, read_metrics
+from jest_jax.metrics import DataWait, MetricWriter, read_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,7 +75,7 @@ class _Training:
             log.info(f"resuming from the checkpoint at step {self.last_good} in "
                      f"{checkpointer.directory}")
         else:
-            self.last_good, self.state = None, run.state.init(self.spec.seed)
+            self.last_good, self.state = None, run.initial_state()
         self.start = int(self.state["step"])
         # Only once the checkpoints accepted this config: a config that cannot resume them
         # must not overwrite the one they were trained with (learners read it as a reference).
@@ -82,10 +85,11 @@ class _Training:
         self.writer = MetricWriter(workdir, self.spec.logging.tensorboard)
         self.writer.truncate_after(self.start)  # rows a crashed run logged after its checkpoint
         self.progress = log.Progress(self.spec.total_steps, self.start)
+        self.data_wait = DataWait()
 
     def next_batch(self) -> tuple[dict, jax.Array]:
         """The next global batch, and how many bad records were passed over to fill it."""
-        batch = sharding.to_global(next(self.data), self.run.mesh)
+        batch = sharding.to_global(self.data_wait.next(self.data), self.run.mesh)
         return batch, batch.pop("bad_records")
 
     def run_loop(self, stop_at_step: int | None,
@@ -99,8 +103,11 @@ class _Training:
             return self.run.evaluator.run(self.state["params"], self.start)
         batch, bad = self.next_batch()
         flops = self.run.wired.flops(batch, reference)
+        # Start the first step together: the processes compiled it at their own pace.
+        sharding.sync_processes(f"jest_jax: step {self.start} compiled")
         if self.owes_evaluation():
             self.evaluate(self.start)
+        self.data_wait.restart()  # not the set-up, compilation and owed evaluation
         results: dict[str, float] = {}
         pending: tuple | None = None
         for step in range(self.start + 1, total + 1):
@@ -151,6 +158,7 @@ class _Training:
                 shown["clean"] = host["selection/clean_selected"]
             self.progress.update(step, shown)
             self.writer.write(step, {**host, "steps_per_sec": self.progress.steps_per_sec,
+                                     "data_wait": self.data_wait.fraction(),
                                      **{k: v * step for k, v in flops_per_step.items()},
                                      "faults/skipped_steps": self.counters["skipped_steps"],
                                      "data/bad_records": self.counters["bad_records"]})
@@ -161,6 +169,7 @@ class _Training:
         log.info(f"[{step:>6}/{self.spec.total_steps}] eval " +
                  " ".join(f"{k}={v:.3f}" for k, v in out.items()))
         self.progress.restart_clock(step)
+        self.data_wait.restart()
         return out
 
     def owes_evaluation(self) -> bool:
@@ -176,6 +185,7 @@ class _Training:
         self.ckpt.save(step, self.state, self.data, dict(self.counters))
         self.last_good = step
         self.progress.restart_clock(step)
+        self.data_wait.restart()
 
     def close(self) -> None:
         self.ckpt.close()
@@ -225,3 +235,40 @@ def cache_reference(config: ml_collections.ConfigDict) -> str:
     spec = config_lib.validate(config, num_devices=jax.device_count())
     return reference_lib.write_cache(spec.reference, spec.data, spec.mesh.build(), spec.mesh,
                                      spec.evals.batch_size)
+
+
+def embed(config: ml_collections.ConfigDict, workdir: str | None, output: str) -> str:
+    """`--mode embed`: the unit image and text embeddings of the pool `config.embed.pool`
+    names, and the logit scale exp(t') and bias, as .npy files in `output`.
+
+    The model is the latest checkpoint in `workdir`, else `model.init_from` (a published
+    checkpoint, used as it is); only the params are read.
+    """
+    run = build.build(config, selection=False)
+    step = latest_step(workdir) if workdir else None
+    if step is not None:
+        checkpointer = Checkpointer(workdir)  # read-only: nothing is moved or removed
+        try:
+            params = checkpointer.restore_params(run.state.abstract_params(), step)
+        finally:
+            checkpointer.close()
+        described = f"step {step} of {os.path.realpath(workdir)}"
+    else:
+        if not run.spec.model.init_from:
+            where = f"{workdir} has no checkpoint" if workdir else "no --workdir was given"
+            raise FileNotFoundError(f"nothing to embed with: {where} and config.model."
+                                    "init_from is empty")
+        params = sharding.from_host(run.initial_params(), run.state.abstract_params())
+        described = run.spec.model.init_from
+    field = run.spec.embed.pool
+    pool = sources.open_pool(config, field)
+    log.info(f"embedding {pool.description} ({field}, {len(pool)} examples) with "
+             f"{described} -> {output}")
+    scalars = jax.device_get({"log_temperature": params["log_temperature"],
+                              "bias": params["bias"]})
+    return write_embeddings(
+        output, lambda p, b: run.model.embeddings(p, b)[:2], params, pool,
+        run.spec.data.preprocess(check_captions=False), run.mesh, run.spec.evals.batch_size,
+        {"pool": field, "data": pool.description, "model": described},
+        {"logit_scale": float(np.exp(scalars["log_temperature"])),
+         "logit_bias": float(scalars["bias"])})

@@ -22,6 +22,12 @@ def _run(args: list[str], data_dir: str) -> subprocess.CompletedProcess:
     ("--config.batch_size=0", "error: config.batch_size=0 is invalid"),
     ("--config.selection.method=magic", "error: config.selection.method='magic' is invalid"),
     ("--config.model.patch_size=5", "error: config.model.patch_size=5 is invalid"),
+    # A string on the command line is a one-entry list: a set name, a file or a template.
+    ("--config.evals.zero_shot.class_names=imagenett", "error: config.evals.zero_shot."
+     "class_names='imagenett' is invalid: unknown class_names set (did you mean 'imagenet'?)"),
+    ("--config.evals.zero_shot.templates=clip_imagenet", "error: config.evals.zero_shot."
+     "templates='clip_imagenet' is invalid: unknown templates set (did you mean "
+     "'clip_imagenet_80'?)"),
 ])
 def test_bad_config_exits_with_message(tmp_path, data_dir, override, message):
     result = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path), override], data_dir)

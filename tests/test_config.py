@@ -131,8 +131,8 @@ MORE_INVALID = [
     ("optimizer.learning_rate", "1e-3", {}, "config.optimizer.learning_rate='1e-3' is invalid"),
     ("logging.tensorboard", "yes", {}, "config.logging.tensorboard='yes' is invalid: must be "
                                        "True or False"),
-    ("evals.zero_shot.templates", ("a photo",), {}, r"config.evals.zero_shot.templates=.* is "
-                                                    r"invalid: .* each with one '\{\}'"),
+    ("evals.zero_shot.templates", ("a photo", "a {}"), {}, r"config.evals.zero_shot.templates"
+     r"=.* is invalid: template 'a photo' has no '\{\}' for the class name"),
     ("faults.nonfinite", "ignore", {}, r"config.faults.nonfinite='ignore' is invalid: must be "
                                        r"one of \['stop', 'skip'\]"),
     ("faults.bad_records", "drop", {}, r"config.faults.bad_records='drop' is invalid: must be "

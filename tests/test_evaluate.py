@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from jest_jax.evaluate import recall_at_k, zero_shot_accuracy
+from jest_jax.eval_metrics import classification, multi_caption_recall, recall_at_k
 
 
 def _recall_reference(sim: np.ndarray, k: int) -> float:
@@ -30,9 +31,53 @@ def test_recall_perfect_and_worst():
     assert recall_at_k(-np.eye(5), (1, 4))["r1"] == 0.0
 
 
-def test_zero_shot_accuracy():
+def _rank_of(scores: list[float], correct: int) -> int:
+    """Brute force: the correct item's place in a stable sort that puts it first among ties."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j != correct))
+    return order.index(correct)
+
+
+def test_classification_matches_brute_force():
     rng = np.random.default_rng(1)
-    img, cls = rng.normal(size=(30, 8)), rng.normal(size=(4, 8))
-    labels = rng.integers(0, 4, 30)
-    expected = np.mean([np.argmax([img[i] @ c for c in cls]) == labels[i] for i in range(30)])
-    assert zero_shot_accuracy(img, cls, labels) == expected
+    for n, classes in ((30, 4), (200, 12), (5, 1)):
+        logits = rng.normal(size=(n, classes)).round(1)  # rounding makes ties
+        labels = rng.integers(0, classes, n)
+        got = classification(logits, labels, ks=(1, 5))
+        ranks = [_rank_of(list(logits[i]), int(labels[i])) for i in range(n)]
+        for k in (1, 5):
+            assert got[f"top{k}"] == sum(r < k for r in ranks) / n
+        per_class = [np.mean([ranks[i] == 0 for i in range(n) if labels[i] == c])
+                     for c in sorted(set(labels.tolist()))]
+        assert got["mean_per_class"] == float(np.mean(per_class))
+
+
+def test_classification_rejects_labels_outside_the_classes():
+    with pytest.raises(ValueError, match=r"label 3 is outside the 3 class names \[0, 3\)"):
+        classification(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def test_multi_caption_recall_matches_brute_force():
+    rng = np.random.default_rng(2)
+    images, per_image = 13, (1, 2, 5, 3)
+    caption_image = np.concatenate([[i] * per_image[i % 4] for i in range(images)])
+    rng.shuffle(caption_image)  # captions in any order
+    sim = rng.normal(size=(images, len(caption_image))).round(1)
+    got = multi_caption_recall(sim, caption_image, (1, 5, 10))
+    for k in (1, 5, 10):
+        i2t = 0
+        for i in range(images):
+            # Sort the captions, own ones first among ties; a hit if any own one is in the top k.
+            order = sorted(range(len(caption_image)),
+                           key=lambda c, i=i: (-sim[i, c], caption_image[c] != i))
+            i2t += any(caption_image[c] == i for c in order[:k])
+        t2i = sum(_rank_of(list(sim[:, c]), int(caption_image[c])) < k
+                  for c in range(len(caption_image)))
+        assert got[f"i2t_r{k}"] == i2t / images
+        assert got[f"t2i_r{k}"] == t2i / len(caption_image)
+    # One caption per image, on the diagonal: the single-caption recall.
+    square = rng.normal(size=(9, 9))
+    single = multi_caption_recall(square, np.arange(9))
+    assert single == {**{f"i2t_{k}": v for k, v in recall_at_k(square).items()},
+                      **{f"t2i_{k}": v for k, v in recall_at_k(square.T).items()}}
+    with pytest.raises(ValueError, match="image 2 has no caption"):
+        multi_caption_recall(np.zeros((3, 2)), np.array([0, 1]))

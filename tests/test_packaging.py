@@ -40,6 +40,11 @@ def test_wheel_installs_jest_jax_and_no_configs_package(tmp_path):
                          if n.endswith("top_level.txt"))
     assert "jest_jax" in tops and "configs" not in tops
     assert top_level == ["jest_jax"]
+    # The zero-shot benchmark sets travel as package data, with their source and licence.
+    shipped = {n.rsplit("/", 1)[1] for n in z.namelist()
+               if n.startswith("jest_jax/data/benchmarks/")}
+    assert shipped == {"README.md", "LICENSE-CLIP.txt", "imagenet.txt", "cifar10.txt",
+                       "cifar100.txt", "clip_imagenet_80.txt", "clip_cifar_18.txt"}
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", str(venv), cwd=str(tmp_path))

@@ -34,6 +34,7 @@ def test_short_run_lowers_loss_and_writes_outputs(tiny_config, tmp_path, capsys)
     b = tiny_config.batch_size
     plateau = np.log(b) + (b - 1) * np.log(b / (b - 1))
     assert last < first and last < 0.95 * plateau, (first, last, plateau)
+    assert all(0 <= r["data_wait"] <= 1 for r in rows)  # logged at every logging step
     flops = [r["flops"] for r in rows]
     assert flops[0] > 0 and np.allclose(np.diff(flops), flops[0])  # cumulative, constant/step
     assert all(r["flops/update"] == r["flops"] and r["flops/scoring"] == 0 for r in rows)

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from jest_jax.data import sources
-from jest_jax.data.records import BadRecordError, SkipBad, problem, reason
-from jest_jax.data.tokenizer import BYTES, Tokenizer, make_tokenizer
-from jest_jax.fields import Section
+from jest_jax.data.records import BadRecordError, SkipBad, decode_image, problem, reason
+from jest_jax.data.tokenizer import BYTES, TEXT_STYLES, Tokenizer, make_tokenizer
+from jest_jax.fields import ConfigError, Section
 
 _SKIP = ("image", "caption")
 
@@ -35,6 +35,7 @@ class DataSpec:
     image_size: int
     text_len: int
     tokenizer: str
+    text_style: str
     num_threads: int
     max_caption_bytes: int
 
@@ -45,6 +46,9 @@ class DataSpec:
         c.image_size = 32                # images are resized to this (square) on the host
         c.text_len = 32                  # tokens per caption, padded / truncated
         c.tokenizer = BYTES              # "bytes" or a path to a SentencePiece .model
+        c.text_style = "jest"            # jest | siglip | siglip2: ids, padding, EOS and
+        #                                  case as jest_jax, SigLIP or SigLIP 2 expect
+        #                                  (jest_jax/data/tokenizer.py, docs/pretrained.md)
         c.num_threads = 2                # grain reader threads per process
         c.max_caption_bytes = 1024       # a longer caption (UTF-8) is a bad record (see
         #                                  faults): web alt-text that long is markup or
@@ -60,47 +64,68 @@ class DataSpec:
         section.check(tokenizer == BYTES or (isinstance(tokenizer, str) and tokenizer and (
             not check_files or os.path.isfile(tokenizer))), "tokenizer", tokenizer,
             f"must be {BYTES!r} or the path of a SentencePiece .model file")
+        style = section.choice("text_style", TEXT_STYLES)
+        section.check(style == "jest" or tokenizer != BYTES, "text_style", style,
+                      f"needs data.tokenizer to be a SentencePiece model, not {BYTES!r}")
         return cls(train=train, image_size=section.integer("image_size", 1),
                    text_len=section.integer("text_len", 2), tokenizer=tokenizer,
+                   text_style=style,
                    num_threads=section.integer("num_threads", 0),
                    max_caption_bytes=section.integer("max_caption_bytes", 1))
 
     def preprocess(self, check_captions: bool = True) -> Preprocess:
         """Record → model inputs with this config's tokenizer; `check_captions=False` does
         not refuse over-long captions (the reference cache embeds the pool as it is)."""
-        return Preprocess(self.image_size, make_tokenizer(self.tokenizer), self.text_len,
+        return Preprocess(self.image_size, self.make_tokenizer(), self.text_len,
                           self.max_caption_bytes if check_captions else None)
+
+    def make_tokenizer(self) -> Tokenizer:
+        try:
+            return make_tokenizer(self.tokenizer, self.text_style)
+        except ValueError as e:
+            raise ConfigError(f"config.data.tokenizer={self.tokenizer!r}: {e}") from None
 
     def identity(self) -> dict[str, Any]:
         """The training pool and the preprocessing that turns it into inputs."""
-        return {**self.train.identity(), "image_size": self.image_size,
-                "text_len": self.text_len, "tokenizer": self.tokenizer}
+        identity = {**self.train.identity(), "image_size": self.image_size,
+                    "text_len": self.text_len, "tokenizer": self.tokenizer}
+        if self.text_style != "jest":  # so caches made before the field existed still match
+            identity["text_style"] = self.text_style
+        return identity
 
 
 class Preprocess:
     """Record → model inputs: uint8 image at `image_size`, int32 tokens, record index.
 
     Scalar numeric fields (labels, `is_clean`, scores, …) are kept for evaluation,
-    diagnostics and criteria. Images stay uint8 on the host; normalisation happens on device.
-    A bad record (`records.problem`) raises BadRecordError.
+    diagnostics and criteria. An image may be a decoded array or encoded bytes (JPEG,
+    PNG, WebP: `records.decode_image`). Images stay uint8 on the host; normalisation
+    happens on device. A bad record (`records.problem`) raises BadRecordError.
     """
 
     def __init__(self, image_size: int, tokenizer: Tokenizer, text_len: int,
-                 max_caption_bytes: int | None = None):
+                 max_caption_bytes: int | None = None, captions: bool = True):
         self.image_size = image_size
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.max_caption_bytes = max_caption_bytes
+        self.captions = captions
+
+    def without_captions(self) -> Preprocess:
+        """For splits with images and labels only (zero-shot, probes): no `tokens`."""
+        return Preprocess(self.image_size, self.tokenizer, self.text_len, captions=False)
 
     def __call__(self, record: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
-        why = problem(record, self.max_caption_bytes)
+        record = {**record, "image": decode_image(record["image"], self.image_size)}
+        why = problem(record, self.max_caption_bytes, self.captions)
         if why is not None:
             raise BadRecordError(why)
         out = {
             "image": self._image(np.asarray(record["image"])),
-            "tokens": self.tokenizer.encode(record["caption"], self.text_len),
             "index": np.int32(index),  # int32: JAX arrays default to 32 bits
         }
+        if self.captions:
+            out["tokens"] = self.tokenizer.encode(record["caption"], self.text_len)
         for key, value in record.items():
             value = np.asarray(value)
             if key not in _SKIP and value.ndim == 0 and value.dtype.kind in "biuf":

@@ -1,23 +1,28 @@
 """Bad records: what makes an image–caption record unusable, and how training skips it.
 
 A record is bad when reading it fails (an undecodable image raises inside the data
-source), its image does not have an image's shape (H×W, or H×W×C with C in 1, 3, 4;
-uint8; non-empty), or its caption is empty or longer than `data.max_caption_bytes`.
+source, or its encoded bytes do not decode: `decode_image`), its image does not have an
+image's shape (H×W, or H×W×C with C in 1, 3, 4; uint8; non-empty), or its caption is
+empty or longer than `data.max_caption_bytes`.
 docs/reliability.md describes the skip policy and why it keeps runs resumable.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from jest_jax import log
 
 # A run of this many bad records in a row is a broken dataset, not a few bad records.
 MAX_CONSECUTIVE_BAD = 100
 CHANNELS = (1, 3, 4)  # grey, RGB, RGBA (alpha dropped)
+# Encodings an `image` field may hold as bytes, decoded at read time (Pillow's names).
+ENCODINGS = ("JPEG", "PNG", "WEBP")
 
 
 class BadRecordError(ValueError):
@@ -29,8 +34,36 @@ def reason(error: Exception) -> str:
     return str(error) if isinstance(error, BadRecordError) else f"{type(error).__name__}: {error}"
 
 
-def problem(record: Mapping[str, Any], max_caption_bytes: int | None) -> str | None:
-    """Why `record` cannot be trained on, or None if it can."""
+def decode_image(value: Any, min_size: int | None = None) -> np.ndarray:
+    """An `image` field as a uint8 array: decoded arrays (TFDS Image features) pass
+    through; encoded bytes (one of ENCODINGS, as a converter stores the original files)
+    are decoded here, in the input pipeline's workers.
+
+    `min_size`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling:
+    4-64x fewer pixels) as long as both sides stay >= `min_size`; the pipeline resizes
+    to that size anyway. Bytes that do not decode raise BadRecordError (a bad record).
+    """
+    if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, bytes | bytearray | memoryview | np.bytes_):
+        return np.asarray(value)
+    raw = bytes(value)
+    try:
+        with Image.open(io.BytesIO(raw), formats=ENCODINGS) as image:
+            if min_size is not None and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+            if image.mode not in ("L", "RGB", "RGBA"):  # palette, CMYK, 16-bit, LA, ...
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            return np.asarray(image)  # loads (and fully decodes) the pixels
+    except Exception as e:  # Pillow raises many types for bad bytes
+        head = raw[:8]
+        raise BadRecordError(f"image bytes ({len(raw)} bytes, starting {head!r}) do not "
+                             f"decode as {'/'.join(ENCODINGS)}: {type(e).__name__}: {e}") from e
+
+
+def problem(record: Mapping[str, Any], max_caption_bytes: int | None,
+            needs_caption: bool = True) -> str | None:
+    """Why `record` cannot be trained on (or, `needs_caption=False`, classified), or None."""
     image = np.asarray(record["image"])
     if image.dtype != np.uint8:
         return f"image dtype is {image.dtype}, expected uint8"
@@ -38,6 +71,8 @@ def problem(record: Mapping[str, Any], max_caption_bytes: int | None) -> str | N
     if not shape_ok or 0 in image.shape:
         return (f"image shape is {image.shape}, expected [H, W] or [H, W, C] with C in "
                 f"{CHANNELS} and H, W > 0")
+    if not needs_caption:
+        return None
     caption = record["caption"]
     raw = caption.encode("utf-8") if isinstance(caption, str) else bytes(caption)
     if not raw.strip():

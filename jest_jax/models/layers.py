@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Widths / depths follow the ViT naming used by SigLIP; "tiny" is a CPU toy size.
+# Widths / depths follow the ViT naming used by SigLIP ("So400m": the shape-optimised 400M
+# ViT of Alabdulmohsin et al., 2023, SigLIP's largest tower); "tiny" is a CPU toy size.
 VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
@@ -17,6 +18,7 @@ VARIANTS: dict[str, dict[str, int]] = {
     "M": dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "So400m": dict(width=1152, depth=27, num_heads=16, mlp_dim=4304),
 }
 
 _VARIANT_KEYS = ("width", "depth", "num_heads", "mlp_dim")

@@ -14,6 +14,7 @@ from flax import nnx
 from jest_jax.fields import Section
 from jest_jax.losses import Embeddings
 from jest_jax.models.layers import DTYPES, VARIANTS
+from jest_jax.models.text import TEXT_POOLS
 from jest_jax.models.two_tower import TwoTower
 from jest_jax.models.vit import POOLS
 
@@ -33,28 +34,41 @@ class ModelSpec:
     text_variant: str
     patch_size: int
     image_pool: str
+    image_head: bool
+    text_pool: str
     embed_dim: int
     dtype: str
     remat: bool
     temperature_init: float
     bias_init: float
+    init_from: str
+    init_resize_posemb: bool
     low_res_patch_size: int
     low_res_fraction: float
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
-        c.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L
+        c.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L, So400m
         c.text_variant = "tiny"
         c.patch_size = 4             # must divide data.image_size
         c.image_pool = "gap"         # gap (token mean) | map (attention pooling, as SigLIP;
         #                              slower to learn for the tiny CPU model on jest_shapes)
+        c.image_head = True          # a linear map to embed_dim after the pooling; SigLIP's
+        #                              image tower has none (embed_dim = the image width)
+        c.text_pool = "mean"         # mean (over non-padding tokens) | last (the last
+        #                              position, no padding mask: SigLIP's text tower)
         c.embed_dim = 128            # shared embedding space
         c.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
         c.remat = False              # recompute each transformer block in the backward pass:
         #                              ~1/3 more compute, activations of one block kept
         c.temperature_init = 10.0    # SigLIP: t' = log 10
         c.bias_init = -10.0          # SigLIP: beta = -10
+        c.init_from = ""             # a big_vision SigLIP .npz (local or gs://) the learner
+        #                              starts from instead of a random init (docs/pretrained.md);
+        #                              the model fields must describe its architecture
+        c.init_resize_posemb = False  # resize init_from's image position embeddings to
+        #                              data.image_size (else a different size is an error)
         c.low_res_patch_size = 0     # Flexi-JEST multi-resolution training (paper §3.3): a
         #                              fraction of each batch runs the image tower at this
         #                              larger patch size (fewer tokens); 0: off. Must divide
@@ -72,15 +86,24 @@ class ModelSpec:
         patch = section.integer("patch_size", 1)
         section.check(image_size % patch == 0, "patch_size", patch,
                       f"must divide data.image_size={image_size}")
+        image_head = section.boolean("image_head")
+        embed_dim = section.integer("embed_dim", 1)
+        width = VARIANTS[image_variant]["width"]
+        section.check(image_head or embed_dim == width, "embed_dim", embed_dim,
+                      f"must be the image width {width} of image_variant={image_variant!r} "
+                      "when model.image_head=False (the pooled token is the embedding)")
         return cls(
             image_size=image_size, text_len=text_len, image_variant=image_variant,
             text_variant=text_variant, patch_size=patch,
-            embed_dim=section.integer("embed_dim", 1),
+            embed_dim=embed_dim,
             dtype=section.choice("dtype", DTYPES),
             image_pool=section.choice("image_pool", POOLS),
+            image_head=image_head, text_pool=section.choice("text_pool", TEXT_POOLS),
             remat=section.boolean("remat"),
             temperature_init=section.number("temperature_init", lambda v: v > 0, "must be > 0"),
             bias_init=section.number("bias_init"),
+            init_from=section.string("init_from"),
+            init_resize_posemb=section.boolean("init_resize_posemb"),
             low_res_patch_size=cls._low_res_patch(section, image_size, patch),
             low_res_fraction=section.number("low_res_fraction", lambda v: 0 <= v <= 1,
                                             "must be in [0, 1]"))
@@ -108,7 +131,8 @@ class ModelSpec:
             image_size=self.image_size, patch_size=self.patch_size,
             image_variant=self.image_variant, text_variant=self.text_variant,
             vocab_size=vocab_size, text_len=self.text_len, embed_dim=self.embed_dim,
-            dtype=self.dtype, image_pool=self.image_pool,
+            dtype=self.dtype, image_pool=self.image_pool, image_head=self.image_head,
+            text_pool=self.text_pool,
             temperature_init=self.temperature_init, bias_init=self.bias_init,
             remat=self.remat, rngs=rngs)
 

@@ -1,4 +1,5 @@
-"""Text tower: transformer over token ids, mean-pooled over non-padding tokens."""
+"""Text tower: transformer over token ids, pooled by the mean of the non-padding tokens
+or, as SigLIP does, by the last position."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from jest_jax.data.tokenizer import PAD_ID
 from jest_jax.models.layers import PARAM_DTYPE, Encoder, resolve_dtype
 from jest_jax.models.layers import variant as resolve_variant
 
+# Text pooling: "mean" over the tokens that are not padding (id 0, which no token attends
+# to) | "last": the last position, with no padding mask, as big_vision's SigLIP text tower
+# (its tokens end in a sticky EOS, so the last position always sees the whole caption).
+TEXT_POOLS = ("mean", "last")
+
 
 class TextTransformer(nnx.Module):
-    """Bidirectional text transformer; token id 0 is padding and is ignored."""
+    """Bidirectional text transformer; with "mean" pooling token id 0 is padding and is
+    ignored, with "last" every position is attended to."""
 
     def __init__(
         self,
@@ -25,8 +32,12 @@ class TextTransformer(nnx.Module):
         out_dim: int,
         dtype: Any = jnp.float32,
         remat: bool = False,
+        pool: str = "mean",
         rngs: nnx.Rngs,
     ):
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"pool must be one of {list(TEXT_POOLS)}, got {pool!r}.")
+        self.pool = pool
         cfg = resolve_variant(variant)
         width = cfg["width"]
         self.max_len = max_len
@@ -54,8 +65,11 @@ class TextTransformer(nnx.Module):
             raise ValueError(
                 f"Token length {length} exceeds the text tower's max_len {self.max_len}."
             )
-        valid = tokens != PAD_ID
         x = self.embedding(tokens) + self.pos_embedding[:length].astype(self.dtype)
+        if self.pool == "last":
+            x = self.encoder(x).astype(jnp.float32)
+            return self.head(x[:, -1]).astype(jnp.float32)
+        valid = tokens != PAD_ID
         x = self.encoder(x, valid).astype(jnp.float32)
 
         weights = valid.astype(jnp.float32)[..., None]

@@ -46,6 +46,8 @@ class TwoTower(nnx.Module):
         embed_dim: int,
         dtype: Any = jnp.float32,
         image_pool: str = "map",
+        image_head: bool = True,
+        text_pool: str = "mean",
         temperature_init: float = 10.0,
         bias_init: float = -10.0,
         remat: bool = False,
@@ -59,6 +61,7 @@ class TwoTower(nnx.Module):
             out_dim=embed_dim,
             dtype=dtype,
             pool=image_pool,
+            head=image_head,
             remat=remat,
             rngs=rngs,
         )
@@ -69,6 +72,7 @@ class TwoTower(nnx.Module):
             out_dim=embed_dim,
             dtype=dtype,
             remat=remat,
+            pool=text_pool,
             rngs=rngs,
         )
         self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature_init), jnp.float32))

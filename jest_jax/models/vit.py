@@ -61,6 +61,7 @@ class ViT(nnx.Module):
         dtype: Any = jnp.float32,
         remat: bool = False,
         pool: str = "map",
+        head: bool = True,
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
@@ -88,7 +89,11 @@ class ViT(nnx.Module):
             raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}.")
         self.map_head = (MAPHead(width, cfg["num_heads"], cfg["mlp_dim"], self.dtype, rngs)
                          if pool == "map" else None)
-        self.head = nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+        # SigLIP's image tower has no head: the pooled token is the embedding (out_dim = width).
+        if not head and out_dim != width:
+            raise ValueError(f"without a head the output is the width {width}, not {out_dim}.")
+        self.head = (nnx.Linear(width, out_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE,
+                                rngs=rngs) if head else None)
 
     def __call__(self, images: jax.Array, patch_size: int | None = None) -> jax.Array:
         """Embeds ``images: f32[B, H, W, 3]`` to ``f32[B, out_dim]`` (not normalised).
@@ -119,4 +124,6 @@ class ViT(nnx.Module):
             pooled = self.map_head(x)
         else:  # the mean in float32: bf16 sums over many tokens lose precision
             pooled = x.astype(jnp.float32).mean(axis=1)
-        return self.head(pooled).astype(jnp.float32)
+        if self.head is not None:
+            pooled = self.head(pooled)
+        return pooled.astype(jnp.float32)
