@@ -216,7 +216,8 @@ def plot(results, overhead, sharing, out: str) -> None:
         axes[0].set_ylabel("accuracy")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"compare_flexi_{x}s.png"), dpi=90)
+        fig.savefig(os.path.join(out, f"compare_flexi_{'steps' if x == 'step' else x}.png"),
+                    dpi=90)
         plt.close(fig)
 
 
