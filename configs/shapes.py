@@ -13,7 +13,10 @@
     python -m jest_jax.main --config $JEST --workdir runs/jest
 
 `method` is uniform | independent | joint, `criterion` any registered name or
-"module:function", `filter` the filtering ratio f. `steps=N` changes the length;
+"module:function", `filter` the filtering ratio f. `flexi=True` makes it Flexi-JEST
+(paper §3.3): the learner scores the super-batch at twice the patch size and trains
+half of each batch (λ = 0.5) at twice the patch size, the rest at full resolution; a
+plain uniform learner then trains at both resolutions too. `steps=N` changes the length;
 `runlocal=True` switches to the tiny dataset and 30 steps, a check that the path runs.
 """
 
@@ -23,10 +26,11 @@ from jest_jax import config as jj
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Args: stage=reference|learner, method, criterion, filter, reference, cache, steps,
-    runlocal."""
+    """Args: stage=reference|learner, method, criterion, filter, flexi, reference, cache,
+    steps, runlocal."""
     arg = jj.parse_arg(arg, stage="reference", method="uniform", criterion="learnability",
-                       filter=0.8, reference="", cache="", steps=1000, runlocal=False)
+                       filter=0.8, flexi=False, reference="", cache="", steps=1000,
+                       runlocal=False)
     if arg.stage not in ("reference", "learner"):
         raise ValueError(f"configs/shapes.py: stage={arg.stage!r}; use reference or learner")
     c = jj.defaults()
@@ -43,6 +47,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.selection.criterion = arg.criterion
     # Plain SigLIP draws just the batch; selection methods draw N = 64 / (1 - f).
     c.selection.filter_ratio = 0.0 if arg.method == "uniform" else arg.filter
+    if arg.flexi:
+        if arg.stage != "learner":
+            raise ValueError("configs/shapes.py: flexi=True is for stage=learner")
+        c.selection.score_patch_size = 2 * c.model.patch_size
+        c.model.low_res_patch_size = 2 * c.model.patch_size
+        c.model.low_res_fraction = 0.5
     c.selection.reference.workdir = arg.reference
     c.selection.reference.cache_dir = arg.cache
     c.evals.every_steps = 10 if arg.runlocal else 200

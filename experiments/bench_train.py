@@ -1,65 +1,122 @@
-"""Train-step throughput and XLA-measured FLOPs at the smoke and demo sizes.
+"""Train-step throughput and XLA-measured FLOPs: the smoke and demo sizes, then uniform,
+JEST and Flexi-JEST side by side at the demo size.
 
     python experiments/bench_train.py [--steps 20]
 
-Synthetic batches (no input pipeline), so this times the compiled step alone. Prints a
-markdown table; absolute times are for the device it names.
+Synthetic batches (no input pipeline), so this times the compiled step alone. Prints
+markdown tables; absolute times are for the device it names.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jest_jax import build, sharding
-from jest_jax import config as config_lib
-from jest_jax.metrics import compiled_flops
-from jest_jax.reference import NoReference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accounting import a4_prediction  # noqa: E402
+
+from jest_jax import build, sharding  # noqa: E402
+from jest_jax import config as config_lib  # noqa: E402
+from jest_jax.reference import CachedReference, NoReference  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+VOCAB = 258  # the byte tokenizer's
 
 
 def bench(config, steps: int) -> dict[str, float]:
+    """Median step time and XLA FLOPs (whole, update, scoring) of `config`'s train step,
+    on synthetic (super-)batches; selection reads a synthetic reference cache."""
     spec = config_lib.validate(config, num_devices=jax.device_count(), check_files=False)
     mesh = spec.mesh.build()
-    wired = build.wire(spec, mesh, vocab_size=258, reference=NoReference())
+    scalars = {"log_temperature": jnp.log(10.0), "bias": jnp.asarray(-10.0)}
+    reference = CachedReference(scalars) if spec.selection.needs_reference else NoReference()
+    wired = build.wire(spec, mesh, vocab_size=VOCAB, reference=reference)
+    rows = wired.scorer.spec.num_candidates if wired.scorer else spec.batch_size
     rng = np.random.default_rng(0)
-    b, size, length = spec.batch_size, spec.data.image_size, spec.data.text_len
-    batch = sharding.to_global({
-        "image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
-        "tokens": rng.integers(1, 258, (b, length), dtype=np.int32)}, mesh)
+    size, length = spec.data.image_size, spec.data.text_len
+    local = {"image": rng.integers(0, 256, (rows, size, size, 3), dtype=np.uint8),
+             "tokens": rng.integers(1, VOCAB, (rows, length), dtype=np.int32)}
+    for name in reference.batch_fields:  # unit reference embeddings, as the cache holds
+        x = rng.normal(size=(rows, spec.model.embed_dim)).astype(np.float32)
+        local[name] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    batch = sharding.to_global(local, mesh)
+    ref_input = reference.step_input
+    flops = wired.flops(batch, ref_input)
     state = wired.state.init(0)
-    compiled = wired.step.lower(state, batch, {}).compile()
-    flops = compiled_flops(compiled)
-    for _ in range(3):  # warm-up
-        state, metrics, _ = compiled(state, batch, {})
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics, _ = compiled(state, batch, {})
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
-    return {"batch": b, "ms_per_step": 1e3 * seconds, "gflops_per_step": flops / 1e9,
-            "gflops_per_sec": flops / seconds / 1e9}
+    times = []
+    for i in range(steps + 3):  # 3 warm-up steps (the first compiles)
+        start = time.perf_counter()
+        state, metrics, _ = wired.step(state, batch, ref_input)
+        jax.block_until_ready(metrics)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return {"batch": spec.batch_size, "candidates": rows, "ms_per_step": 1e3 * seconds,
+            **{k: v / mesh.size for k, v in flops.items()},  # per device, as XLA reports
+            "gflops_per_sec": flops["flops"] / mesh.size / seconds / 1e9,
+            "a4": a4_prediction(spec, VOCAB)}
+
+
+def sizes(steps: int) -> None:
+    print("| config | batch | ms/step | GFLOP/step (XLA) | achieved GFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, config in (("smoke", config_lib.load(f"{CONFIGS}/smoke.py")),
+                         ("shapes (demo)", config_lib.load(f"{CONFIGS}/shapes.py:stage=learner"))):
+        r = bench(config, steps)
+        print(f"| {name} | {r['batch']} | {r['ms_per_step']:.1f} | {r['flops'] / 1e9:.2f} "
+              f"| {r['gflops_per_sec']:.1f} |", flush=True)
+
+
+def methods_config(name: str):
+    """The demo learner (configs/shapes.py) as each method of the Flexi-JEST comparison."""
+    shapes = f"{CONFIGS}/shapes.py:stage=learner"
+    if name == "uniform":
+        return config_lib.load(f"{shapes},method=uniform")
+    if name == "Flexi-JEST":
+        return config_lib.load(f"{shapes},method=joint,flexi=True")
+    config = config_lib.load(f"{shapes},method=joint")
+    if name == "Flexi-JEST, low-res scoring only":
+        config.selection.score_patch_size = 2 * config.model.patch_size
+    return config
+
+
+METHODS = ("uniform", "JEST", "Flexi-JEST, low-res scoring only", "Flexi-JEST")
+
+
+def methods(steps: int) -> None:
+    print("| method | N → b | ms/step | GFLOP/step (XLA) | update | scoring | "
+          "time / uniform | FLOPs / uniform | §A.4 formula / uniform (r_s, r_t) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = None
+    for name in METHODS:
+        r = bench(methods_config(name), steps)
+        base = base or r
+        a4 = r["a4"]
+        print(f"| {name} | {r['candidates']} → {r['batch']} | {r['ms_per_step']:.1f} | "
+              f"{r['flops'] / 1e9:.2f} | {r['flops/update'] / 1e9:.2f} | "
+              f"{r['flops/scoring'] / 1e9:.2f} | {r['ms_per_step'] / base['ms_per_step']:.2f} | "
+              f"{r['flops'] / base['flops']:.2f} | {a4['ratio']:.2f} "
+              f"({a4['r_score']:.2f}, {a4['r_train']:.2f}) |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", choices=("sizes", "methods"), default=None)
     args = parser.parse_args()
-    device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
-    print(f"device: {device}\n")
-    print("| config | batch | ms/step | GFLOP/step (XLA) | achieved GFLOP/s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, config in (("smoke", config_lib.load(f"{CONFIGS}/smoke.py")),
-                         ("shapes (demo)", config_lib.load(f"{CONFIGS}/shapes.py:stage=learner"))):
-        r = bench(config, args.steps)
-        print(f"| {name} | {r['batch']} | {r['ms_per_step']:.1f} | {r['gflops_per_step']:.2f} "
-              f"| {r['gflops_per_sec']:.1f} |", flush=True)
+    print(f"device: {jax.device_count()}x {jax.devices()[0].device_kind}\n")
+    if args.only != "methods":
+        sizes(args.steps)
+    if args.only != "sizes":
+        print("\nUniform, JEST and Flexi-JEST at the demo size (configs/shapes.py learner, "
+              "b = 64, f = 0.8, cached reference):\n")
+        methods(args.steps)
 
 
 if __name__ == "__main__":

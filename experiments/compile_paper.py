@@ -11,7 +11,8 @@ XLA:CPU's buffer assignment for one device's program (arguments + outputs + temp
 - donated aliases). Arguments and outputs (the sharded state and batch) are exact.
 Temporaries are an upper bound: XLA:CPU computes bfloat16 in float32 and does not
 schedule rematerialised blocks for memory (docs/benchmarks.md measures both), so a TPU
-compile needs less.
+compile needs less. The report ends with the paper's §A.4 prediction of the step's cost
+relative to a SigLIP step (`a4`), for the measured ratio to stand beside.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
+import sys
 import time
 
 import jax
@@ -28,6 +31,9 @@ from jest_jax import build, sharding
 from jest_jax import config as config_lib
 from jest_jax.metrics import compiled_flops
 from jest_jax.models import Model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accounting import a4_prediction  # noqa: E402
 
 GiB = 2**30
 
@@ -82,6 +88,9 @@ def compile_config(config, vocab_size: int) -> dict:
                 state["params"], ref_input, batch).compile()
         report["scoring"] = {**memory(score), "compile_s": round(time.perf_counter() - start, 1),
                              "tflop_per_device": round(compiled_flops(score) / 1e12, 2)}
+    # The paper's §A.4 prediction of this step ÷ a SigLIP step of the same model, with
+    # each patch size's share of the forward pass (r) measured by XLA.
+    report["a4"] = {k: round(v, 3) for k, v in a4_prediction(spec, vocab_size).items()}
     return report
 
 

@@ -21,10 +21,15 @@ from jest_jax import config as config_lib
 from jest_jax import log, sharding
 from jest_jax.data.pipeline import Preprocess
 from jest_jax.evaluate import EvalRunner
+from jest_jax.metrics import compiled_flops
 from jest_jax.models import Model, big_vision
 from jest_jax.reference import NoReference, ReferenceSource
 from jest_jax.scoring import Scorer
 from jest_jax.step import TrainState, jit_train_step, make_train_step
+
+# What the update reads of a selected batch (the rest, such as cached reference
+# embeddings, is only read by scoring).
+UPDATE_FIELDS = ("image", "tokens", "is_clean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,25 @@ class Wired:
     scorer: Scorer | None
     reference: ReferenceSource
     step: Callable  # jitted: (state, batch, reference.step_input) -> (state, metrics, health)
+    update: Callable | None = None  # with selection: the same step without it, on b examples
+
+    def flops(self, batch: dict[str, jax.Array], reference_input) -> dict[str, float]:
+        """XLA's FLOPs of one step over all devices (XLA reports one device's program):
+        `flops`, the whole compiled step; `flops/update`, the learner's update alone on the
+        b selected examples (its own compiled step); `flops/scoring`, the difference,
+        everything selection adds (learner and reference forward passes on the
+        candidates, the selection kernel, the gather)."""
+        devices = self.state.mesh.size
+        state = self.state.abstract_sharded()
+        total = compiled_flops(self.step.lower(state, batch, reference_input).compile())
+        total *= devices
+        if self.update is None:
+            return {"flops": total, "flops/update": total, "flops/scoring": 0.0}
+        rows, placement = self.scorer.spec.num_select, sharding.batch_sharding(self.state.mesh)
+        selected = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=placement)
+                    for k, v in batch.items() if k in UPDATE_FIELDS}
+        update = compiled_flops(self.update.lower(state, selected, {}).compile()) * devices
+        return {"flops": total, "flops/update": update, "flops/scoring": total - update}
 
 
 def wire(spec: config_lib.Spec, mesh: jax.sharding.Mesh, vocab_size: int,
@@ -55,7 +79,11 @@ def wire(spec: config_lib.Spec, mesh: jax.sharding.Mesh, vocab_size: int,
                         reference, sharding.rows_sharding(mesh))
     step = make_train_step(model, spec.optimizer, spec.loss, mesh, scorer, spec.faults)
     jitted = jit_train_step(step, state, sharding.placed(reference.step_input, mesh))
-    return Wired(model, state, scorer, reference, jitted)
+    update = None
+    if scorer is not None:  # compiled only to count the update's FLOPs apart from scoring
+        update = jit_train_step(make_train_step(model, spec.optimizer, spec.loss, mesh,
+                                                guard=spec.faults), state)
+    return Wired(model, state, scorer, reference, jitted, update)
 
 
 @dataclasses.dataclass(frozen=True)

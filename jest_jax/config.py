@@ -140,6 +140,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     total = top.integer("total_steps", 1)
     data = DataSpec.from_config(top.section("data"), check_files)
     model = ModelSpec.from_config(top.section("model"), data.image_size, data.text_len)
+    _check_low_res_part(top, model, batch)
     loss = Loss.from_config(top.section("loss"))
     optimizer = Optimizer.from_config(top.section("optimizer"), total)
     selection = SelectionSpec.from_config(top.section("selection"), batch, data.image_size)
@@ -149,7 +150,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     evals = EvalSpec.from_config(top.section("evals"))
     mesh = MeshSpec.from_config(top.section("mesh"))
     if num_devices is not None:
-        _fit_devices(top, mesh, num_devices, selection, evals)
+        _fit_devices(top, mesh, num_devices, selection, evals, model)
     return Spec(config, seed, batch, total, data, model, loss, optimizer, selection, reference,
                 evals, mesh, CheckpointSpec.from_config(top.section("checkpoint")),
                 FaultPolicy.from_config(top.section("faults")),
@@ -157,10 +158,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                 EmbedSpec.from_config(top.section("embed"), config))
 
 
+def _check_low_res_part(top: Section, model: ModelSpec, batch: int) -> None:
+    """Multi-resolution training splits the batch: λ·b must be a whole number of examples."""
+    if model.low_res_patch_size in (0, model.patch_size):
+        return
+    part = model.low_res_fraction * batch
+    top.check(abs(part - round(part)) < 1e-6, "model.low_res_fraction", model.low_res_fraction,
+              f"low_res_fraction × batch_size = {part:g} must be a whole number of examples")
+
+
 def _fit_devices(top: Section, mesh: MeshSpec, num_devices: int, selection: SelectionSpec,
-                 evals: EvalSpec) -> None:
+                 evals: EvalSpec, model: ModelSpec) -> None:
     """The cross-section checks: the mesh, and every batch split over the devices."""
     mesh.check(num_devices)
+    # Each resolution's part is spread over every device (docs/design.md §1, multi-resolution).
+    low = model.low_res_examples(selection.num_select)
+    top.check(low % num_devices == 0, "model.low_res_fraction", model.low_res_fraction,
+              f"gives a low-resolution part of {low} examples (of batch_size="
+              f"{selection.num_select}), which must be divisible by the {num_devices} devices "
+              "of the mesh: each device trains its share of both parts")
     top.check(selection.num_select % num_devices == 0, "batch_size", selection.num_select,
               f"must be divisible by the {num_devices} devices of the mesh")
     top.check(selection.num_candidates % num_devices == 0, "selection.filter_ratio",

@@ -25,6 +25,7 @@ from jest_jax.data.pipeline import Preprocess, eval_batches
 from jest_jax.data.sources import Pool
 from jest_jax.fields import ConfigError, Section, get_field
 from jest_jax.files import write_json
+from jest_jax.metrics import compiled_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,8 @@ def write_embeddings(directory: str, embed: Embed, params: Any, pool: Pool,
                      meta: dict[str, Any], scalars: dict[str, float] | None = None) -> str:
     """`embed(params, batch) -> (image, text)` of every record of `pool` into
     `directory`/{image,text}.npy, each of `scalars` as a 0-d `<name>.npy`, and `meta` (with
-    `num_examples`) as meta.json; returns the directory."""
+    `num_examples`, and `flops`: the pass's XLA FLOPs over all devices, which comparisons
+    charge to the learners sharing a reference cache) as meta.json; returns the directory."""
     n = len(pool)
     jitted = jax.jit(embed, out_shardings=sharding.replicated(mesh))
     write = jax.process_index() == 0
@@ -71,10 +73,14 @@ def write_embeddings(directory: str, embed: Embed, params: Any, pool: Pool,
         os.makedirs(tmp)
     arrays: dict[str, np.ndarray] = {}
     progress = log.Progress(-(-n // batch_size), 0)  # counts batches
+    flops, batches = 0.0, 0  # every batch has the same shape (the last is padded)
     for i, local in enumerate(eval_batches(pool, preprocess, batch_size=batch_size,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count())):
         batch = sharding.to_global({k: local[k] for k in ("image", "tokens")}, mesh)
+        if i == 0:
+            flops = compiled_flops(jitted.lower(params, batch).compile()) * mesh.size
+        batches = i + 1
         image, text = sharding.to_host(jitted(params, batch))
         index = sharding.to_host(sharding.to_global({"i": local["index"],
                                                      "m": local["mask"]}, mesh))
@@ -92,7 +98,8 @@ def write_embeddings(directory: str, embed: Embed, params: Any, pool: Pool,
             array.flush()
         for name, value in (scalars or {}).items():
             np.save(os.path.join(tmp, f"{name}.npy"), np.float32(value))
-        write_json(os.path.join(tmp, "meta.json"), {**meta, "num_examples": n})
+        write_json(os.path.join(tmp, "meta.json"), {**meta, "num_examples": n,
+                                                    "flops": flops * batches})
         # Swap by renames so that a crash leaves the old directory or the new one, never none.
         old = f"{directory.rstrip('/')}.old"
         shutil.rmtree(old, ignore_errors=True)

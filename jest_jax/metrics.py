@@ -143,3 +143,23 @@ def compiled_flops(compiled: Any) -> float:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops", float("nan"))
     return float(flops)
+
+
+def a4_step_ratio(candidates_per_example: float = 0.0, score_cost: float = 1.0,
+                  low_res_fraction: float = 0.0, low_res_cost: float = 1.0) -> float:
+    """The paper's §A.4 accounting of one step's FLOPs, as a multiple of a uniform step.
+
+    With `F` one example's forward pass at full resolution and `3F` its training step
+    (forward + backward), a uniform step costs `3F·b`. Scoring `N` candidates with a
+    cached reference runs the learner forward on each, at `score_cost`·F (the scoring
+    patch size's share of F); training `λ·b` of the batch at `low_res_cost`·F:
+
+        ratio = [(N/b)·r_s + 3·(λ·r_t + 1 - λ)] / 3
+
+    `candidates_per_example` is N/b (0: no scoring). The scoring forward is not reused
+    for the update (this trainer recomputes it), so JEST at f = 0.8 is (5 + 3)/3 = 2.67;
+    Flexi-JEST with r_s = r_t = 0.28 (the paper's B/16 at patch 32) and λ = 0.5 is 1.11.
+    """
+    scoring = candidates_per_example * score_cost
+    update = 3 * (low_res_fraction * low_res_cost + 1 - low_res_fraction)
+    return (scoring + update) / 3

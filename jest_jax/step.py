@@ -8,6 +8,7 @@ state, its metrics and its `faults.Health`, which is kept apart from the metrics
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ import optax
 
 from jest_jax import faults, sharding
 from jest_jax.faults import FaultPolicy
-from jest_jax.losses import Loss
+from jest_jax.losses import Embeddings, Loss
 from jest_jax.models import Model
 from jest_jax.optimizer import Optimizer
 from jest_jax.scoring import Scorer
@@ -68,8 +69,36 @@ class TrainState:
 
 def batch_loss(model: Model, loss: Loss, mesh: jax.sharding.Mesh, params: dict,
                batch: dict[str, jax.Array]) -> jax.Array:
-    """The configured contrastive loss of `batch` under `params`."""
-    return loss(model.embeddings(params, batch), mesh)
+    """The configured contrastive loss of `batch` under `params`.
+
+    With multi-resolution training (`model.low_res_patch_size`, Flexi-JEST), the first
+    λ·b examples of the batch run the image tower at the low-resolution patch size and the
+    rest at the full one; one loss covers all b×b pairs of the concatenated embeddings
+    (docs/design.md §1).
+    """
+    low = model.spec.low_res_examples(batch["image"].shape[0])
+    if not low:
+        return loss(model.embeddings(params, batch), mesh)
+    return loss(mixed_embeddings(model, mesh, params, batch, low), mesh)
+
+
+def mixed_embeddings(model: Model, mesh: jax.sharding.Mesh, params: dict,
+                     batch: dict[str, jax.Array], low: int) -> Embeddings:
+    """The batch's embeddings with its first `low` images at the low-resolution patch size.
+
+    Each part is laid out over all the devices (`low` is a multiple of their number,
+    checked at start-up), so every device embeds its share of both resolutions and the
+    assignment of examples to resolutions is the same on any number of devices.
+    """
+    spread = functools.partial(jax.lax.with_sharding_constraint,
+                               shardings=sharding.batch_sharding(mesh))
+    images = batch["image"]
+    parts = [model.embed_images(params, spread(images[:low]), model.spec.low_res_patch_size)]
+    if low < images.shape[0]:
+        parts.append(model.embed_images(params, spread(images[low:])))
+    image = spread(jnp.concatenate(parts)) if len(parts) > 1 else parts[0]
+    return Embeddings(image, model.embed_texts(params, batch["tokens"]),
+                      params["log_temperature"], params["bias"])
 
 
 def make_train_step(model: Model, optimizer: Optimizer, loss: Loss, mesh: jax.sharding.Mesh,

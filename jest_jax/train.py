@@ -18,7 +18,7 @@ from jest_jax.data import sources
 from jest_jax.data.pipeline import train_dataset
 from jest_jax.embed import write_embeddings
 from jest_jax.files import write_atomically, write_json
-from jest_jax.metrics import DataWait, MetricWriter, compiled_flops, read_metrics
+from jest_jax.metrics import DataWait, MetricWriter, read_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,9 +103,7 @@ class _Training:
             log.info(f"already trained to step {self.start}; evaluating the final checkpoint")
             return self.run.evaluator.run(self.state["params"], self.start)
         batch, bad = self.next_batch()
-        # XLA reports one device's program; the run executes it on every device.
-        flops = compiled_flops(step_fn.lower(self.state, batch, reference).compile())
-        flops *= self.run.mesh.size
+        flops = self.run.wired.flops(batch, reference)
         # Start the first step together: the processes compiled it at their own pace.
         sharding.sync_processes(f"jest_jax: step {self.start} compiled")
         if self.owes_evaluation():
@@ -138,7 +136,7 @@ class _Training:
         return results
 
     def report(self, step: int, metrics: dict, health: faults.Health, bad: jax.Array,
-               flops_per_step: float) -> None:
+               flops_per_step: dict[str, float]) -> None:
         """Check a step's health and log its metrics (fetched a step late)."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         failed = jax.device_get(health).failed()
@@ -162,7 +160,7 @@ class _Training:
             self.progress.update(step, shown)
             self.writer.write(step, {**host, "steps_per_sec": self.progress.steps_per_sec,
                                      "data_wait": self.data_wait.fraction(),
-                                     "flops": flops_per_step * step,
+                                     **{k: v * step for k, v in flops_per_step.items()},
                                      "faults/skipped_steps": self.counters["skipped_steps"],
                                      "data/bad_records": self.counters["bad_records"]})
 

@@ -109,4 +109,5 @@ def test_cache_mode_writes_the_reference_cache(tmp_path, data_dir, reference_wor
         meta = json.load(f)
     assert meta["num_examples"] == 512 and meta["pool"]["split"] == "raw"
     assert meta["reference_step"] == 10
+    assert meta["flops"] > 0  # the pass's XLA FLOPs, for compute-matched comparisons
     assert not os.path.exists(f"{cache}.partial")

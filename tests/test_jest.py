@@ -159,6 +159,9 @@ def test_every_method_trains_and_logs_diagnostics(jest_config, tmp_path, method,
     row = [r for r in read_metrics(str(tmp_path)) if "loss" in r][-1]
     assert 0 <= row["selection/clean_selected"] <= 1 and 0 <= row["selection/clean_super"] <= 1
     assert np.isfinite(row["loss"]) and row["flops"] > 0
+    # The update alone is a plain step on b; scoring is what selection adds to it.
+    assert row["flops/update"] + row["flops/scoring"] == pytest.approx(row["flops"])
+    assert row["flops/scoring"] > (0.5 * row["flops/update"] if method != "uniform" else -1)
     if method != "uniform":
         assert np.isfinite(row["selection/score_selected"])
         assert np.isfinite(row["selection/score_random"])

@@ -37,6 +37,7 @@ def test_short_run_lowers_loss_and_writes_outputs(tiny_config, tmp_path, capsys)
     assert all(0 <= r["data_wait"] <= 1 for r in rows)  # logged at every logging step
     flops = [r["flops"] for r in rows]
     assert flops[0] > 0 and np.allclose(np.diff(flops), flops[0])  # cumulative, constant/step
+    assert all(r["flops/update"] == r["flops"] and r["flops/scoring"] == 0 for r in rows)
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [80, 90, 100]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32

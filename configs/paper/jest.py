@@ -11,7 +11,8 @@ tokenizer=/mnt/spm/c4_en_32k.model,reference=$REF,cache=$REF/cache
 
 Args: those of configs/paper/siglip.py, and reference (its workdir), cache (the
 reference-embedding cache; "" runs the reference every step), filter (f),
-score_patch (Flexi-JEST scoring patch size; 0 = 16).
+score_patch (Flexi-JEST scoring patch size; 0 = 16), flexi (Flexi-JEST B/16, paper §3.3:
+score at patch 32, and train half of each batch at patch 32, the other half at 16).
 """
 
 import os
@@ -26,7 +27,7 @@ _SIGLIP = os.path.join(os.path.dirname(__file__), "siglip.py")  # loaded by path
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = jj.parse_arg(arg, model="B", data="image_text_pairs", data_dir=jj.DATA_DIR,
                        tokenizer="", steps=100_000, fsdp=16, reference="", cache="",
-                       filter=0.8, score_patch=0)
+                       filter=0.8, score_patch=0, flexi=False)
     base = ",".join(f"{k}={arg[k]}" for k in ("model", "data", "data_dir", "tokenizer",
                                               "steps", "fsdp"))
     c = jj.load(f"{_SIGLIP}:{base}")
@@ -36,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.selection.num_chunks = 16
     c.selection.implementation = "auto"  # matrix-free: a dense S would be 107 GB
     c.selection.score_patch_size = arg.score_patch
+    if arg.flexi:
+        c.selection.score_patch_size = arg.score_patch or 2 * c.model.patch_size
+        c.model.low_res_patch_size = 2 * c.model.patch_size
+        c.model.low_res_fraction = 0.5  # λ·b = 16384: 64 examples per device on 256
     c.selection.reference.workdir = arg.reference
     c.selection.reference.cache_dir = arg.cache
     return c

@@ -43,6 +43,8 @@ class ModelSpec:
     bias_init: float
     init_from: str
     init_resize_posemb: bool
+    low_res_patch_size: int
+    low_res_fraction: float
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -67,6 +69,12 @@ class ModelSpec:
         #                              the model fields must describe its architecture
         c.init_resize_posemb = False  # resize init_from's image position embeddings to
         #                              data.image_size (else a different size is an error)
+        c.low_res_patch_size = 0     # Flexi-JEST multi-resolution training (paper §3.3): a
+        #                              fraction of each batch runs the image tower at this
+        #                              larger patch size (fewer tokens); 0: off. Must divide
+        #                              data.image_size and be >= patch_size
+        c.low_res_fraction = 0.5     # λ: that fraction of the batch, in [0, 1]; λ·batch_size
+        #                              must be a whole number of examples per device
         return c
 
     @classmethod
@@ -95,7 +103,28 @@ class ModelSpec:
             temperature_init=section.number("temperature_init", lambda v: v > 0, "must be > 0"),
             bias_init=section.number("bias_init"),
             init_from=section.string("init_from"),
-            init_resize_posemb=section.boolean("init_resize_posemb"))
+            init_resize_posemb=section.boolean("init_resize_posemb"),
+            low_res_patch_size=cls._low_res_patch(section, image_size, patch),
+            low_res_fraction=section.number("low_res_fraction", lambda v: 0 <= v <= 1,
+                                            "must be in [0, 1]"))
+
+    @staticmethod
+    def _low_res_patch(section: Section, image_size: int, patch: int) -> int:
+        low = section.integer("low_res_patch_size", 0)
+        section.check(low == 0 or image_size % low == 0, "low_res_patch_size", low,
+                      f"must be 0 (off) or divide data.image_size={image_size}")
+        section.check(low == 0 or low >= patch, "low_res_patch_size", low,
+                      f"must be 0 (off) or >= model.patch_size={patch}: the low-resolution "
+                      "part runs with larger patches (fewer tokens)")
+        return low
+
+    def low_res_examples(self, batch_size: int) -> int:
+        """How many of a batch of `batch_size` train at the low resolution: λ·b, or 0 when
+        multi-resolution training is off (no low patch size, or the full one: the plain
+        path, bitwise)."""
+        if self.low_res_patch_size in (0, self.patch_size):
+            return 0
+        return round(self.low_res_fraction * batch_size)
 
     def create(self, vocab_size: int, rngs: nnx.Rngs) -> TwoTower:
         return TwoTower(
