@@ -31,7 +31,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_methods import ATTRIBUTES, SHAPES, curves, steps_to_reach  # noqa: E402
+from compare_methods import (  # noqa: E402
+    SHAPES,
+    curves,
+    plot_accuracy,
+    steps_to_reach,
+)
 
 from jest_jax import config as config_lib  # noqa: E402
 from jest_jax import train  # noqa: E402
@@ -197,29 +202,11 @@ def report(results, overhead, sharing, args, seeds, seconds) -> str:
 
 
 def plot(results, overhead, sharing, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for x, label in (("step", "learner steps"),
-                     ("flops", "total FLOPs (XLA; reference + cache amortised)")):
-        fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
-        for ax, key in zip(axes, ("mean", *ATTRIBUTES), strict=True):
-            for name, runs in results.items():
-                xs = (runs[0]["step"] if x == "step"
-                      else total(runs[0], name, overhead, sharing))
-                ax.plot(xs, np.mean([r[key] for r in runs], axis=0), marker=".", label=name)
-            ax.set_title(f"zero-shot {key}" + (" (4 attributes)" if key == "mean" else ""))
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("accuracy")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"compare_flexi_{'steps' if x == 'step' else x}.png"),
-                    dpi=90)
-        plt.close(fig)
-
+    plot_accuracy(results, lambda name, runs: runs[0]["step"], "learner steps",
+                  os.path.join(out, "compare_flexi_steps.png"))
+    plot_accuracy(results, lambda name, runs: total(runs[0], name, overhead, sharing),
+                  "total FLOPs (XLA; reference + cache amortised)",
+                  os.path.join(out, "compare_flexi_flops.png"))
 
 if __name__ == "__main__":
     main()

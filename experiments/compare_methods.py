@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -106,32 +107,37 @@ def table(results: dict[str, list[dict[str, np.ndarray]]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict[str, np.ndarray]]], out: str) -> list[str]:
-    """Mean zero-shot accuracy (and per attribute) against steps and against FLOPs."""
+def plot_accuracy(results: dict[str, list[dict[str, np.ndarray]]],
+                  xs: Callable[[str, list[dict[str, np.ndarray]]], np.ndarray],
+                  label: str, path: str) -> str:
+    """One figure: mean zero-shot accuracy over seeds (and per attribute) against
+    `xs(name, runs)`, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    for x, label in (("step", "learner steps"), ("flops", "cumulative FLOPs (XLA)")):
-        fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
-        for ax, key in zip(axes, ("mean", *ATTRIBUTES), strict=True):
-            for name, runs in results.items():
-                c = runs[0]
-                y = np.mean([r[key] for r in runs], axis=0)
-                ax.plot(c[x], y, marker=".", label=name)
-            ax.set_title(f"zero-shot {key}" + (" (4 attributes)" if key == "mean" else ""))
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("accuracy")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, f"compare_{'steps' if x == 'step' else 'flops'}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    for ax, key in zip(axes, ("mean", *ATTRIBUTES), strict=True):
+        for name, runs in results.items():
+            ax.plot(xs(name, runs), np.mean([r[key] for r in runs], axis=0), marker=".",
+                    label=name)
+        ax.set_title(f"zero-shot {key}" + (" (4 attributes)" if key == "mean" else ""))
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot(results: dict[str, list[dict[str, np.ndarray]]], out: str) -> list[str]:
+    """Mean zero-shot accuracy (and per attribute) against steps and against FLOPs."""
+    return [plot_accuracy(results, lambda name, runs, x=x: runs[0][x], label,
+                          os.path.join(out, f"compare_{'steps' if x == 'step' else 'flops'}.png"))
+            for x, label in (("step", "learner steps"), ("flops", "cumulative FLOPs (XLA)"))]
 
 
 def main() -> None:
