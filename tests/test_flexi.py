@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,19 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_reliability import (
-    _assert_bitwise,
-    _assert_resumed_from,
-    _child,
-    _interrupt,
-    _rows,
-    _short,
-    _steps,
-    _straight,
-)
 
-from conftest import ROOT, load_config, train_state
-from jest_jax import build, sharding, train
+from conftest import ROOT, load_config
+from jest_jax import build, sharding
 from jest_jax import config as config_lib
 from jest_jax import step as step_lib
 from jest_jax.reference import NoReference
@@ -225,22 +214,8 @@ def test_one_and_eight_devices_agree(tmp_path):
             np.testing.assert_allclose(params[key], one[key], atol=1e-4, rtol=0, err_msg=key)
 
 
-@pytest.mark.slow
-def test_flexi_run_killed_and_resumed_is_bitwise(jest_config, tmp_path, capsys):
-    config = _short(_flexi(jest_config), 10)
-    config.selection.score_patch_size = 8
-    expected_state, expected_rows = _straight(config, tmp_path / "straight")
-    assert expected_rows[-1]["flops/scoring"] > 0 and expected_rows[-1]["flops/update"] > 0
-    work = tmp_path / "interrupted"
-    proc = _child(config, work, tmp_path)
-    out = _interrupt(proc, 5, signal.SIGKILL, np.random.default_rng(14).uniform(0, 0.1))
-    assert proc.returncode == -signal.SIGKILL, out[-2000:]
-    resumed = max(_steps(work), default=0)
-    capsys.readouterr()
-    train.train(config, str(work))
-    _assert_resumed_from(capsys.readouterr().out, resumed)
-    _assert_bitwise(train_state(config, work, 10), expected_state)
-    assert _rows(work) == expected_rows
+# Kill -9 and resume of a Flexi-JEST run is bitwise: tests/test_reliability.py
+# (test_flexi_jest_run_killed_twice_resumes_bitwise).
 
 
 def test_flexi_configs_and_the_a4_formula():

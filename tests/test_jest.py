@@ -80,23 +80,6 @@ def test_cached_and_online_reference_runs_train_the_same(jest_config, tmp_path):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
 
 
-@pytest.mark.slow
-def test_resumed_jest_run_selects_as_the_straight_run(jest_config, tmp_path):
-    jest_config.total_steps = 6
-    jest_config.evals.every_steps = 0
-    jest_config.logging.every_steps = 1
-    jest_config.checkpoint.every_steps = 3
-    train.train(jest_config, str(tmp_path / "straight"))
-    train.train(jest_config, str(tmp_path / "resumed"), stop_at_step=3)
-    train.train(jest_config, str(tmp_path / "resumed"))
-    rows = {k: [r for r in read_metrics(str(tmp_path / k)) if "loss" in r]
-            for k in ("straight", "resumed")}
-    assert [r["step"] for r in rows["resumed"]] == list(range(1, 7))
-    for a, b in zip(rows["straight"], rows["resumed"], strict=True):
-        for key in ("loss", "selection/score_selected", "selection/clean_selected"):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
-
-
 def test_cache_errors_name_the_problem(jest_config, tmp_path):
     jest_config.selection.reference.cache_dir = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="holds no reference cache.*--mode cache"):

@@ -57,10 +57,9 @@ def _short(config, steps: int = TOTAL, evals: bool = False):
 def _child(config, workdir, tmp_path, kill_in_save: int | None = None) -> subprocess.Popen:
     """The CLI on `config`; with `kill_in_save`, SIGKILLed while writing that step's
     checkpoint (tests/kill_in_save.py)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           # Resumed children run the same programs: reuse their compilation.
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # The children inherit the session's compilation cache (tests/conftest.py): they run
+    # the programs the in-process straight run has compiled already.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     config_file = tmp_path / "child_config.py"
     config_file.write_text(CONFIG_FILE.format(config.to_json()))
     launcher = (["-m", "jest_jax.main"] if kill_in_save is None
@@ -68,8 +67,11 @@ def _child(config, workdir, tmp_path, kill_in_save: int | None = None) -> subpro
     proc = subprocess.Popen([sys.executable, *launcher, "--config", str(config_file),
                              "--workdir", str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    # A hung child fails the test, never hangs it; generous, so load never trips it.
-    threading.Timer(1200, proc.kill).start()
+    # A hung child fails the test, never hangs it; generous, so load never trips it. A
+    # daemon thread: pending ones must not keep the test process alive at exit.
+    watchdog = threading.Timer(1200, proc.kill)
+    watchdog.daemon = True
+    watchdog.start()
     return proc
 
 
@@ -179,9 +181,17 @@ def test_uniform_run_killed_and_preempted_resumes_bitwise(tiny_config, tmp_path,
 
 
 @pytest.mark.slow
-def test_jest_run_killed_twice_resumes_bitwise(jest_config, tmp_path, capsys):
+def test_flexi_jest_run_killed_twice_resumes_bitwise(jest_config, tmp_path, capsys):
+    """JEST in its Flexi form (docs/design.md §1): scoring at patch 8, half of each batch
+    trained at patch 8. It runs every part plain JEST runs (reference, selection, its
+    diagnostics), plus the multi-resolution update and the FLOPs split."""
     config = _short(jest_config, 12)
+    config.batch_size = 32
+    config.selection.score_patch_size = 8
+    config.model.low_res_patch_size = 8
+    config.model.low_res_fraction = 0.5
     expected_state, expected_rows = _straight(config, tmp_path / "straight")
+    assert expected_rows[-1]["flops/scoring"] > 0 and expected_rows[-1]["flops/update"] > 0
     rng = np.random.default_rng(7)
     work = tmp_path / "interrupted"
     # k2 >= 5: the second run logged step 5, so it had waited for the save before step 4's
