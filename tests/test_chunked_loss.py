@@ -113,7 +113,7 @@ def multidevice(tmp_path_factory):
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(out_dir / "inputs.npz"), json.dumps(CASES),
          json.dumps(HLO_CASES), str(out_dir)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=1800,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     with open(out_dir / "hlo.json") as f:

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(args: list[str], data_dir: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JEST_DATA_DIR": data_dir}
     return subprocess.run([sys.executable, "-m", "jest_jax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -166,7 +166,7 @@ def test_progress_line():
 
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jest_jax.data.convert", "webdataset", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, **(env or {})})
 
 
@@ -238,7 +238,7 @@ def _webdataset(root) -> dict:
 
 def _main(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jest_jax.main", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.slow

@@ -152,7 +152,7 @@ def test_concurrent_first_use_builds_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outputs = [p.communicate(timeout=1200) for p in procs]  # a hang guard only
+    outputs = [p.communicate(timeout=1800) for p in procs]  # a hang guard only
     assert all(p.returncode == 0 for p in procs), outputs
     assert sum("building jest_shapes/tiny" in out for out, _ in outputs) == 1
 

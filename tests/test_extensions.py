@@ -55,7 +55,7 @@ def _cli(config_file, workdir, data_dir, *paths) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "jest_jax.main", "--config", str(config_file),
                            "--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1200)
+                          text=True, timeout=1800)
 
 
 @pytest.mark.slow

@@ -174,7 +174,7 @@ def test_user_criterion_from_the_docs_trains_end_to_end(jest_config, tmp_path, d
     result = subprocess.run(
         [sys.executable, "-m", "jest_jax.main", "--config", "configs/smoke.py:steps=4",
          "--workdir", str(tmp_path / "run"), *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "run" / "config.json") as f:
         assert json.load(f)["selection"]["criterion"] == "my_criteria:capped_learnability"

@@ -53,7 +53,7 @@ def _launch(args: list[str], processes: int, devices: int, extra: list[str],
         for i in range(processes)]
     outputs = []
     for i, p in enumerate(procs):
-        out, _ = p.communicate(timeout=600)
+        out, _ = p.communicate(timeout=1800)
         assert p.returncode == returncode, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
         outputs.append(out)
     return outputs

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(*args: str, cwd: str) -> str:
-    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
     return out.stdout
 

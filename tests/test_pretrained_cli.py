@@ -36,7 +36,7 @@ TEXT_LEN = 12
 def _cli(args: list[str], data_dir: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "JEST_DATA_DIR": data_dir}
     result = subprocess.run([sys.executable, "-m", "jest_jax.main", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == returncode, result.stderr[-3000:]
     return result
 

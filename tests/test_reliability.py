@@ -273,7 +273,7 @@ def test_unwritable_workdir_from_the_cli_exits_1_with_the_message(tmp_path, data
     result = subprocess.run(
         [sys.executable, "-m", "jest_jax.main", "--config", "configs/smoke.py",
          "--workdir", str(workdir)], cwd=ROOT, env={**os.environ, "JEST_DATA_DIR": data_dir},
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=1800)
     assert result.returncode == 1
     assert f"error: --workdir '{workdir}' is not writable" in result.stderr
 
