@@ -16,15 +16,15 @@ SCRIPT = """
 import json, sys
 from jest_jax import config as config_lib, train
 from jest_jax.metrics import read_metrics
-data_dir, workdir, method = sys.argv[1], sys.argv[2], sys.argv[3]
+data_dir, workdir = sys.argv[1], sys.argv[2]
 c = config_lib.load("configs/smoke.py:steps=6")
 for pool in (c.data.train, c.evals.zero_shot.data, c.evals.retrieval.data):
     pool.data_dir = data_dir
 c.batch_size, c.evals.batch_size, c.logging.every_steps = 32, 32, 1
-if method == "joint":  # JEST machinery without a reference run: hard_learner, matrix-free
-    c.data.train.split = "raw"
-    c.selection.update(method="joint", criterion="hard_learner", filter_ratio=0.5,
-                       num_chunks=4, implementation="matrix_free")
+# JEST machinery without a reference run: hard_learner, matrix-free.
+c.data.train.split = "raw"
+c.selection.update(method="joint", criterion="hard_learner", filter_ratio=0.5,
+                   num_chunks=4, implementation="matrix_free")
 results = train.train(c, workdir)
 rows = [r for r in read_metrics(workdir) if "loss" in r]
 print("RESULT" + json.dumps({"losses": [r["loss"] for r in rows], "flops": rows[0]["flops"],
@@ -33,10 +33,10 @@ print("RESULT" + json.dumps({"losses": [r["loss"] for r in rows], "flops": rows[
 """
 
 
-def _run(devices: int, data_dir: str, workdir: str, method: str) -> dict:
+def _run(devices: int, data_dir: str, workdir: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, workdir, method], env=env,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, workdir], env=env,
                          capture_output=True, text=True, timeout=1800,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -44,15 +44,16 @@ def _run(devices: int, data_dir: str, workdir: str, method: str) -> dict:
     return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("method", ["uniform", "joint"])
-def test_one_and_two_devices_agree(data_dir, tmp_path, method):
-    one = _run(1, data_dir, str(tmp_path / "one"), method)
-    two = _run(2, data_dir, str(tmp_path / "two"), method)
+# Joint selection only: its step draws and shards the super-batch, selects, and trains on
+# the selected batch, so it runs all that a uniform step runs, and more.
+def test_one_and_two_devices_agree(data_dir, tmp_path):
+    one = _run(1, data_dir, str(tmp_path / "one"))
+    two = _run(2, data_dir, str(tmp_path / "two"))
     assert len(one["losses"]) == 6
     # Same batches, same init; only the reduction order across devices differs.
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-4)
-    if method == "joint":  # the same selections, hence the same selected-batch scores
-        np.testing.assert_allclose(two["score"], one["score"], rtol=2e-4)
+    # The same selections, hence the same selected-batch scores.
+    np.testing.assert_allclose(two["score"], one["score"], rtol=2e-4)
     for key, value in one["evals"].items():
         assert two["evals"][key] == pytest.approx(value, abs=0.02), key
     # Logged FLOPs count the whole step (all devices): about the same, not halved.
