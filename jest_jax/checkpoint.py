@@ -308,14 +308,18 @@ def checksums(tree: Any) -> dict[str, Any]:
 
 
 def verify_checksums(tree: Any, saved: dict[str, Any], what: str) -> None:
-    """ChecksumError naming the arrays of `tree` whose sums differ from `saved`'s (arrays
-    absent from `saved` are not checked: a partial restore reads a subset)."""
+    """ChecksumError naming the arrays of `tree` whose sums differ from `saved`'s, or that
+    have none there (`tree` may be a subset of what was saved: a params-only read)."""
     if saved.get("algorithm") != CHECKSUM_ALGORITHM:
         raise ChecksumError(f"{what} has checksums of an unknown kind "
                             f"({saved.get('algorithm')!r})")
     now = checksums(tree)["arrays"]
     expected = saved["arrays"]
-    bad = [name for name, sums in now.items() if name in expected and expected[name] != sums]
+    missing = [name for name in now if name not in expected]
+    if missing:
+        raise ChecksumError(f"{what} has no checksum for {len(missing)} restored array(s): "
+                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    bad = [name for name, sums in now.items() if expected[name] != sums]
     if bad:
         raise ChecksumError(f"checksum mismatch in {len(bad)} array(s) of {what}: "
                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: the "
