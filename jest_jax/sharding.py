@@ -86,8 +86,8 @@ def initialize_distributed(coordinator_address: str | None = None,
 _FAILED_KEY = "jest_jax/failed"
 _SEEN_PREFIX = "jest_jax/failure_seen/"
 _POLL_S = 1.0
-# How long process 0, which hosts the key-value store, waits for the others to show the
-# message before it exits: leaving earlier would cut them off from it.
+# How long a failing run's processes wait for each other to show the message before they
+# exit (process 0, which hosts the key-value store, leaves last).
 _FAREWELL_S = 30.0
 
 
@@ -140,13 +140,18 @@ class _FailureWatch:
             if self.index == 0:
                 # The store's host leaves last: a process whose coordination service
                 # disappears aborts (a fatal error in jax's client), maybe before it read
-                # the message. The others leave as soon as they have shown it.
+                # the message.
                 deadline = time.monotonic() + _FAREWELL_S
                 while (len(self.client.key_value_dir_get(_SEEN_PREFIX)) < self.count
                        and time.monotonic() < deadline):
                     time.sleep(0.2)
                 time.sleep(1.0)  # their os._exit follows their key within microseconds
-        except Exception:  # the store's host is gone: nothing left to wait for
+            else:
+                # Leave once process 0 has shown the message: a peer that vanishes may be
+                # reported to it by the coordination service as a fatal error first.
+                self.client.blocking_key_value_get(f"{_SEEN_PREFIX}0",
+                                                   int(_FAREWELL_S * 1000))
+        except Exception:  # the store's host is gone, or the wait ran out
             pass
         # Not sys.exit: the main thread may be blocked in a collective, and jax's exit
         # handler would wait at the shutdown barrier for peers that will not come.
