@@ -1,5 +1,6 @@
 """Two real processes (4 CPU devices each, gloo collectives) train JEST, stop at a
-checkpoint, resume, and end where one process with 8 devices ends."""
+checkpoint, resume, and end where one process with 8 devices ends; an error one process
+alone meets ends both."""
 
 from __future__ import annotations
 
@@ -130,14 +131,14 @@ def _pool_with_one_bad_record(root: str, bad: int) -> str:
 def test_an_error_one_process_meets_ends_both_with_its_message(data_dir, tmp_path):
     """Under faults.bad_records="error", process 1 alone reads the bad record (global
     position 28 of batch 16: step 2, process 1's half). Process 0 is then waiting for it in
-    step 2's collectives; both must end, non-zero, each printing the bad record's message,
-    long before any coordination-service timeout (minutes to hours)."""
-    from jest_jax.data.pipeline import train_dataset
-
-    clean = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok"}] * 64
-    from jest_jax.data.pipeline import Preprocess
+    step 2's collectives; both must end with status 1, each printing the bad record's
+    message. Only the failure watch can print it in process 0: a timeout of the
+    coordination service or of gloo would end it with a distributed-runtime error."""
+    from jest_jax.data.pipeline import Preprocess, train_dataset
     from jest_jax.data.tokenizer import ByteTokenizer
 
+    # The global stream's record order, read from a clean pool of the same size.
+    clean = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok"}] * 64
     it = iter(train_dataset(clean, Preprocess(16, ByteTokenizer(), 24), batch_size=16, seed=0,
                             num_threads=0))
     order = np.concatenate([next(it)["index"] for _ in range(2)]).tolist()
