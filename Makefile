@@ -8,12 +8,13 @@ WORKDIR ?= runs/demo
 RESULTS ?= docs/results
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench pins clean
 
-$(STAMP): setup.py
+# The versions in constraints.txt, tested together (`make pins` renews them).
+$(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,beam]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,beam]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,5 +40,18 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_selection.py
 	$(BIN)/python experiments/bench_input.py
 
+# Renew constraints.txt: resolve the newest versions setup.py allows in a scratch venv and
+# pin them all. Then `make clean test` and commit the file only if the suite passes.
+PINS_VENV := .venv-pins
+pins:
+	rm -rf $(PINS_VENV) && $(PYTHON) -m venv $(PINS_VENV)
+	$(PINS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PINS_VENV)/bin/python -m pip install --quiet -e '.[dev,beam]'
+	{ sed -n '/^#/p' constraints.txt; \
+	  $(PINS_VENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^jest[-_]jax'; \
+	} > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf $(PINS_VENV)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PINS_VENV) runs .pytest_cache

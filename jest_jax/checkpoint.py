@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -11,17 +12,26 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jest_jax import log
 from jest_jax.fields import Section
+from jest_jax.sharding import path_name
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a workdir that has some can be restored."""
+
+
+class ChecksumError(ValueError):
+    """A restored array's checksum differs from the one saved with it: the files were
+    readable but their content changed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +93,10 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None,
              counters: dict[str, int] | None = None) -> None:
-        """Save asynchronously (arrays are copied to host first, so donation is safe)."""
-        items = {"state": ocp.args.StandardSave(state)}
+        """Save asynchronously (arrays are copied to host first, so donation is safe),
+        with a checksum of each array of `state` (`checksums`), checked on restore."""
+        items = {"state": ocp.args.StandardSave(state),
+                 "checksums": ocp.args.JsonSave(checksums(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if counters is not None:
@@ -115,7 +127,20 @@ class Checkpointer:
             restored = reader.restore(os.path.join(self.directory, str(step), "state"), args=args)
         finally:
             reader.close()
+        self._verify(step, restored)
         return restored["params"]
+
+    def _verify(self, step: int, restored: Any) -> None:
+        """ChecksumError unless every restored array matches the checksum saved with it
+        (checkpoints written before checksums existed have none, and pass)."""
+        reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+        try:  # orbax reads the item, so any path orbax can read (gs:// too) works
+            saved = reader.restore(os.path.join(self.directory, str(step), "checksums"))
+        except FileNotFoundError:
+            return
+        finally:
+            reader.close()
+        verify_checksums(restored, saved, f"the checkpoint at step {step}")
 
     def _restore(self, abstract_state: Any, data_iterator: Any | None,
                  step: int) -> tuple[Any, dict[str, int]]:
@@ -126,6 +151,7 @@ class Checkpointer:
         if has_counters:  # absent in checkpoints written before counters existed
             items["counters"] = ocp.args.JsonRestore()
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        self._verify(step, out["state"])
         return out["state"], (dict(out["counters"]) if has_counters else {})
 
     def restore_latest_good(self, abstract_state: Any, data_iterator: Any | None = None
@@ -226,3 +252,75 @@ def brief(error: Exception) -> str:
     """First line of an error, capped: tensorstore errors run to pages of spec."""
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:200]}"
+
+
+# Checksums (docs/reliability.md §3). orbax and tensorstore check no content, so a flipped
+# bit in a readable file would restore silently. Each array gets two sums of its bits,
+# computed on the devices as one program over the global arrays: integer sums are exact
+# in any order, so the result is the same whatever the sharding, the device count or the
+# number of processes that save or restore (an elastic resume), and no host reads a
+# whole array. The weighted sum uses odd weights, so a change of any one element (a
+# flipped bit or byte) always changes it; the plain sum adds a second, independent check.
+CHECKSUM_ALGORITHM = "u32 sum, odd-weighted u32 sum of each element's bits"
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """Each element's bits as uint32 (8-, 16- and 32-bit types; booleans as 0/1)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+    if unsigned is None:
+        raise TypeError(f"no checksum for {x.dtype} arrays (8-, 16- and 32-bit types only)")
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _sums(x: jax.Array) -> jax.Array:
+    """[sum of bits, sum of bits * (2 * flat index + 1)], both modulo 2**32."""
+    bits = _bits(x)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for dim in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
+        stride = stride * x.shape[dim] % 2**32
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                      jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
+
+
+@functools.cache
+def _sums_program(mesh: Any) -> Any:
+    """The sums of a list of arrays as one [n, 2] uint32 array, replicated so that every
+    process holds the whole (tiny) result; compiled once per tree of shapes."""
+    out = None if mesh is None else NamedSharding(mesh, P())
+    return jax.jit(lambda xs: jnp.stack([_sums(x) for x in xs]) if xs
+                   else jnp.zeros((0, 2), jnp.uint32), out_shardings=out)
+
+
+def checksums(tree: Any) -> dict[str, Any]:
+    """{"algorithm", "arrays": {path name: [plain, weighted]}} of every array of `tree`:
+    one device program and one small fetch (at save time only, never per step)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in leaves]
+    mesh = next((a.sharding.mesh for a in arrays if isinstance(a.sharding, NamedSharding)),
+                None)
+    host = np.asarray(jax.device_get(_sums_program(mesh)(arrays))).reshape(-1, 2)
+    return {"algorithm": CHECKSUM_ALGORITHM,
+            "arrays": {path_name(p): [int(a), int(b)] for (p, _), (a, b) in zip(leaves, host,
+                                                                                   strict=True)}}
+
+
+def verify_checksums(tree: Any, saved: dict[str, Any], what: str) -> None:
+    """ChecksumError naming the arrays of `tree` whose sums differ from `saved`'s, or that
+    have none there (`tree` may be a subset of what was saved: a params-only read)."""
+    if saved.get("algorithm") != CHECKSUM_ALGORITHM:
+        raise ChecksumError(f"{what} has checksums of an unknown kind "
+                            f"({saved.get('algorithm')!r})")
+    now = checksums(tree)["arrays"]
+    expected = saved["arrays"]
+    missing = [name for name in now if name not in expected]
+    if missing:
+        raise ChecksumError(f"{what} has no checksum for {len(missing)} restored array(s): "
+                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    bad = [name for name, sums in now.items() if expected[name] != sums]
+    if bad:
+        raise ChecksumError(f"checksum mismatch in {len(bad)} array(s) of {what}: "
+                            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: the "
+                            "files are readable but their content changed")

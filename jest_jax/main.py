@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -78,21 +79,30 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
 
     try:
-        if _MODE.value == "train":
-            results = train.train(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
-        elif _MODE.value == "eval":
-            results = train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
-        elif _MODE.value == "embed":
-            train.embed(config, _WORKDIR.value, _OUTPUT.value)
-            return
-        else:
-            train.cache_reference(config)
-            return
+        results = _run_mode(config)
     except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError, WorkdirError,
             BadRecordError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sharding.fail_processes(f"error: {e}")  # every process of the run ends with it
+    except Exception as e:
+        if not sharding.multi_process():
+            raise
+        sharding.fail_processes(f"error: {type(e).__name__}: {e}", traceback.format_exc())
+    sharding.stop_failure_watch()  # ended normally, or preempted: nothing to publish
     for name, value in sorted(results.items()):
         log.info(f"{name:32s} {value:.4f}")
+
+
+def _run_mode(config) -> dict[str, float]:
+    """Run --mode; the final metrics to print (none for cache and embed)."""
+    if _MODE.value == "train":
+        return train.train(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
+    if _MODE.value == "eval":
+        return train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+    if _MODE.value == "embed":
+        train.embed(config, _WORKDIR.value, _OUTPUT.value)
+    else:
+        train.cache_reference(config)
+    return {}
 
 
 def run() -> None:

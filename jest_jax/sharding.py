@@ -11,8 +11,11 @@ import glob
 import math
 import os
 import re
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -64,11 +67,129 @@ def initialize_distributed(coordinator_address: str | None = None,
         # loaded machine may reach tens of seconds apart.
         sync_processes("jest_jax: joined")
         multihost_utils.sync_global_devices("jest_jax: gloo context")
+        _watch_for_failures()
         return True
     if on_tpu_vm():
         jax.distributed.initialize()
+        _watch_for_failures()
         return True
     return False
+
+
+# Failures on a pod (docs/reliability.md §6). An error that one process alone meets (a bad
+# record, its own unwritable mount, its own unreadable checkpoint files) would leave the
+# others waiting in a barrier or a device collective until a timeout; a collective with a
+# dead peer may even hang for good on TPU. So the failing process publishes its message on
+# the coordination service's key-value store, and every process runs a watchdog thread that
+# polls that key and ends its process with the message. The key is written once (the first
+# failure wins), and only on an error: a normal end or a preemption never sets it.
+_FAILED_KEY = "jest_jax/failed"
+_SEEN_PREFIX = "jest_jax/failure_seen/"
+_POLL_S = 1.0
+# How long a failing run's processes wait for each other to show the message before they
+# exit (process 0, which hosts the key-value store, leaves last).
+_FAREWELL_S = 30.0
+
+
+class _FailureWatch:
+    """The watchdog of one process of a multi-process run (see above)."""
+
+    def __init__(self, client: Any, index: int, count: int):
+        self.client, self.index, self.count = client, index, count
+        self.stop_event = threading.Event()
+        self.ending = threading.Lock()  # held by whichever thread ends the process
+        self.thread = threading.Thread(target=self._poll, name="jest_jax failure watch",
+                                       daemon=True)
+
+    def _published(self) -> str | None:
+        try:
+            return self.client.key_value_try_get(_FAILED_KEY)
+        except Exception:  # NOT_FOUND: no failure; or the client is gone (shutting down)
+            return None
+
+    def _poll(self) -> None:
+        while not self.stop_event.wait(_POLL_S):
+            published = self._published()
+            if published is not None and not published.startswith(f"{self.index}\n"):
+                self._end(published)
+
+    def fail(self, message: str, detail: str = "") -> NoReturn:
+        """Publish `message` as this process's failure (unless another process's came
+        first, which is then reported instead) and end every process with it."""
+        try:
+            self.client.key_value_set(_FAILED_KEY, f"{self.index}\n{message}")
+            published = f"{self.index}\n{message}"
+        except Exception:  # ALREADY_EXISTS: another process failed first
+            published = self._published() or f"{self.index}\n{message}"
+        self._end(published, detail)
+
+    def _end(self, published: str, detail: str = "") -> NoReturn:
+        if not self.ending.acquire(blocking=False):  # the other thread is ending it
+            threading.Event().wait()
+        origin, _, message = published.partition("\n")
+        if int(origin) == self.index:
+            # A traceback only here: another process's error is a consequence (a
+            # collective whose peer left), and would bury the cause.
+            print(f"{detail}{message}", file=sys.stderr)
+        else:  # the failing process's own message, so every log names the cause
+            print(f"process {origin} failed: {message}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            self.client.key_value_set(f"{_SEEN_PREFIX}{self.index}", "1")
+            if self.index == 0:
+                # The store's host leaves last: a process whose coordination service
+                # disappears aborts (a fatal error in jax's client), maybe before it read
+                # the message.
+                deadline = time.monotonic() + _FAREWELL_S
+                while (len(self.client.key_value_dir_get(_SEEN_PREFIX)) < self.count
+                       and time.monotonic() < deadline):
+                    time.sleep(0.2)
+                time.sleep(1.0)  # their os._exit follows their key within microseconds
+            else:
+                # Leave once process 0 has shown the message: a peer that vanishes may be
+                # reported to it by the coordination service as a fatal error first.
+                self.client.blocking_key_value_get(f"{_SEEN_PREFIX}0",
+                                                   int(_FAREWELL_S * 1000))
+        except Exception:  # the store's host is gone, or the wait ran out
+            pass
+        # Not sys.exit: the main thread may be blocked in a collective, and jax's exit
+        # handler would wait at the shutdown barrier for peers that will not come.
+        os._exit(1)
+
+
+_watch: _FailureWatch | None = None
+
+
+def _watch_for_failures() -> None:
+    global _watch
+    from jax._src import distributed  # the client of the coordination service
+
+    if jax.process_count() > 1 and distributed.global_state.client is not None:
+        _watch = _FailureWatch(distributed.global_state.client, jax.process_index(),
+                               jax.process_count())
+        _watch.thread.start()
+
+
+def multi_process() -> bool:
+    """True in a multi-process run, where a failure must end every process."""
+    return _watch is not None
+
+
+def stop_failure_watch() -> None:
+    """The run ended normally (or was preempted): no failure will be published any more."""
+    if _watch is not None:
+        _watch.stop_event.set()
+        _watch.thread.join()
+
+
+def fail_processes(message: str, detail: str = "") -> NoReturn:
+    """End this run with `message` (on stderr, after `detail`, e.g. a traceback; exit
+    status 1). In a multi-process run every process ends with it, each naming this
+    process, however far it had got; the first process to fail names the cause for all."""
+    if _watch is None:
+        sys.exit(f"{detail}{message}")
+    _watch.fail(message, detail)
 
 
 def sync_processes(name: str, timeout_s: int = 3600) -> None:

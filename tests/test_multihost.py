@@ -1,5 +1,6 @@
 """Two real processes (4 CPU devices each, gloo collectives) train JEST, stop at a
-checkpoint, resume, and end where one process with 8 devices ends."""
+checkpoint, resume, and end where one process with 8 devices ends; an error one process
+alone meets ends both."""
 
 from __future__ import annotations
 
@@ -98,3 +99,60 @@ def test_two_processes_stop_resume_and_match_one(data_dir, reference_workdir, tm
     assert final["two"]["step"] == final["one"]["step"] == 6
     for key, value in final["one"].items():
         assert final["two"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def _pool_with_one_bad_record(root: str, bad: int) -> str:
+    """A TFDS pool `one_bad` (split `train`) of 64 records; record `bad` has an empty
+    caption. Returns its data_dir."""
+    import io
+
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    from jest_jax.data.datasets import prepare_quietly
+    from jest_jax.data.writer import _ImageTextBuilder
+
+    def record(i: int) -> dict:
+        image = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, "PNG")
+        return {"image": png.getvalue(), "caption": "" if i == bad else f"picture {i}"}
+
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+        "caption": tfds.features.Text()})
+    builder = _ImageTextBuilder(name="one_bad", version="1.0.0", features=features,
+                                splits={"train": iter([(i, record(i)) for i in range(64)])},
+                                data_dir=root, file_format="array_record")
+    prepare_quietly(builder)
+    return str(builder.data_dir)
+
+
+def test_an_error_one_process_meets_ends_both_with_its_message(data_dir, tmp_path):
+    """Under faults.bad_records="error", process 1 alone reads the bad record (global
+    position 28 of batch 16: step 2, process 1's half). Process 0 is then waiting for it in
+    step 2's collectives; both must end with status 1, each printing the bad record's
+    message. Only the failure watch can print it in process 0: a timeout of the
+    coordination service or of gloo would end it with a distributed-runtime error."""
+    from jest_jax.data.pipeline import Preprocess, train_dataset
+    from jest_jax.data.tokenizer import ByteTokenizer
+
+    # The global stream's record order, read from a clean pool of the same size.
+    clean = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok"}] * 64
+    it = iter(train_dataset(clean, Preprocess(16, ByteTokenizer(), 24), batch_size=16, seed=0,
+                            num_threads=0))
+    order = np.concatenate([next(it)["index"] for _ in range(2)]).tolist()
+    bad = order[28]
+    pool = _pool_with_one_bad_record(str(tmp_path / "pool"), bad)
+    overrides = {
+        "data.train.name": "one_bad", "data.train.split": "train", "data.train.data_dir": pool,
+        "evals.zero_shot.data.data_dir": data_dir, "evals.retrieval.data.data_dir": data_dir,
+        "batch_size": 16, "evals.batch_size": 16, "seed": 0, "faults.bad_records": "error",
+        "logging.tensorboard": False,
+    }
+    args = ["-m", "jest_jax.main", "--config", "configs/smoke.py:steps=6", "--workdir",
+            str(tmp_path / "run"), *(f"--config.{k}={v}" for k, v in overrides.items())]
+    outputs = _launch(args, 2, 1, [], returncode=1)
+    message = f"error: record {bad} of the training pool is bad: caption is empty"
+    assert message in outputs[1], outputs[1][-3000:]
+    assert f"process 1 failed: {message}" in outputs[0], outputs[0][-3000:]

@@ -26,7 +26,7 @@ import pytest
 from conftest import train_state
 from jest_jax import build, faults, train
 from jest_jax import step as step_lib
-from jest_jax.checkpoint import CheckpointError
+from jest_jax.checkpoint import Checkpointer, CheckpointError, checksums
 from jest_jax.metrics import WALL_CLOCK, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,6 +256,67 @@ def test_corrupted_latest_checkpoint_is_reported_moved_aside_and_skipped(tiny_co
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored \(step 8: "):
         train.train(config, work)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == sorted(names)
+
+
+def _reference_sums(x: np.ndarray) -> list[int]:
+    """The checksum pair by Python integers: the sum of each element's bits, and their sum
+    weighted by 2 * (C-order flat index) + 1, both modulo 2**32."""
+    bits = [int(b) for b in x.reshape(-1).view(f"uint{8 * x.dtype.itemsize}")]
+    return [sum(bits) % 2**32, sum(b * (2 * i + 1) for i, b in enumerate(bits)) % 2**32]
+
+
+def test_a_flipped_byte_in_a_readable_checkpoint_fails_its_checksum_and_is_moved_aside(
+        tmp_path, capsys):
+    import ml_dtypes
+    import orbax.checkpoint as ocp
+
+    rng = np.random.default_rng(0)
+    state = {"params": {"w": rng.standard_normal((32, 24)).astype(np.float32),
+                        "b": rng.standard_normal(24).astype(ml_dtypes.bfloat16)},
+             "step": np.int32(1)}
+    sums = checksums(jax.tree.map(jnp.asarray, state))["arrays"]
+    assert sums == {"params/w": _reference_sums(state["params"]["w"]),
+                    "params/b": _reference_sums(state["params"]["b"]),
+                    "step": _reference_sums(np.asarray(state["step"]))}
+    later = {**state, "step": np.int32(2)}
+    ckpt = Checkpointer(str(tmp_path), owner=True)
+    ckpt.save(1, jax.tree.map(jnp.asarray, state))
+    ckpt.save(2, jax.tree.map(jnp.asarray, later))
+    ckpt.close()
+
+    # Flip one byte of one element of w at step 2, written back through orbax itself, so
+    # the files stay valid and orbax restores the changed value without complaint (the data
+    # files are compressed: a raw flip there would make them unreadable instead).
+    item = tmp_path / "checkpoints" / "2" / "state"
+    as_numpy = ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), later))
+    tampered = ocp.PyTreeCheckpointer().restore(str(item), args=as_numpy)
+    w = np.array(tampered["params"]["w"])
+    w.reshape(-1).view(np.uint8)[1234] ^= 0x10
+    tampered["params"]["w"] = w
+    ocp.PyTreeCheckpointer().save(str(tmp_path / "tampered"), tampered)
+    os.rename(item, tmp_path / "original")
+    os.rename(tmp_path / "tampered", item)
+    reread = ocp.PyTreeCheckpointer().restore(str(item), args=as_numpy)["params"]["w"]
+    assert (reread.reshape(-1).view(np.uint8)
+            != later["params"]["w"].reshape(-1).view(np.uint8)).sum() == 1
+
+    capsys.readouterr()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), later)
+    ckpt = Checkpointer(str(tmp_path), owner=True)
+    with pytest.raises(ValueError, match=r"checksum mismatch in 1 array\(s\) of the checkpoint "
+                                         r"at step 2: params/w: the files are readable"):
+        ckpt.restore_params(abstract["params"], 2)  # a reference or evaluation read
+    step, restored, _ = ckpt.restore_latest_good(abstract)
+    ckpt.close()
+    assert step == 1 and int(restored["step"]) == 1
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    err = capsys.readouterr().err
+    assert re.search(r"warning: the checkpoint at step 2 cannot be restored \(ChecksumError: "
+                     r"checksum mismatch in 1 array\(s\) .*: params/w: .*\); moved it to "
+                     r".*checkpoints/2\.corrupt-[\d-]+ and resumed from step 1", err), err
+    assert [n.split(".")[0] for n in sorted(os.listdir(tmp_path / "checkpoints"))] == ["1", "2"]
+    assert os.path.isdir(tmp_path / "checkpoints" / "1")
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
