@@ -302,11 +302,13 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     limit: int | None = None,
+    offset: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One ordered pass; the last batch is zero-padded and `mask` marks real rows."""
+    """One ordered pass over records offset..limit; the last batch is zero-padded and
+    `mask` marks real rows."""
     total = len(source) if limit is None else min(limit, len(source))
     local = batch_size // process_count
-    for start in range(0, total, batch_size):
+    for start in range(offset, total, batch_size):
         first = start + process_index * local
         rows = [_eval_example(source, preprocess, i)
                 for i in range(first, min(first + local, total))]
