@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
@@ -38,18 +37,17 @@ INDEX_BYTES_PER_ROW = 16  # the zarr3 shard index: offset and length (2 × uint6
 INDEX_BYTES_PER_SHARD = 4  # the index's crc32c
 
 
-def row_bytes(width: int, dtype: str) -> int:
-    """Bytes one cached row takes on disk: image and text embeddings and its index entry."""
-    return 2 * width * np.dtype(_numpy_dtype(dtype)).itemsize + INDEX_BYTES_PER_ROW
-
-
 def cache_bytes(rows: int, width: int, dtype: str, shard_rows: int) -> int:
-    """The size of a cache's array on disk (the JSON files add a few KB)."""
-    return rows * row_bytes(width, dtype) + -(-rows // shard_rows) * INDEX_BYTES_PER_SHARD
+    """The size of a cache's array on disk (the JSON files add a few KB): the rows'
+    image and text embeddings, and per shard an index of `shard_rows` entries (the last
+    shard's too, however few rows it holds) and its checksum."""
+    shards = -(-rows // shard_rows)
+    return (rows * 2 * width * np.dtype(_numpy_dtype(dtype)).itemsize
+            + shards * (shard_rows * INDEX_BYTES_PER_ROW + INDEX_BYTES_PER_SHARD))
 
 
 def _numpy_dtype(dtype: str) -> Any:
-    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    return ts.bfloat16.numpy_dtype if dtype == "bfloat16" else np.float32
 
 
 def kvstore_spec(directory: str) -> dict[str, Any]:

@@ -395,10 +395,11 @@ class ReferenceCache:
             if layout.get("format") == CACHE_FORMAT:
                 shards = -(-layout["num_examples"] // layout["shard_rows"])
                 missing = sorted(set(range(shards)) - set(store.committed()))
-                raise ConfigError(
-                    f"config.{_CACHE}={directory!r} is incomplete: {len(missing)} of its "
-                    f"{shards} shards are missing ({_ranges(missing)}) or it was never "
-                    f"committed; finish it by running {resume_command(directory)}")
+                what = (f"shards {_ranges(missing)} ({len(missing)} of {shards}) are not "
+                        "written" if missing else f"all {shards} shards are written but "
+                        "not the final commit (meta.json)")
+                raise ConfigError(f"config.{_CACHE}={directory!r} is an incomplete cache: "
+                                  f"{what}; finish it by running {resume_command(directory)}")
             self.meta = layout
         if self.meta.get("format") != CACHE_FORMAT:
             raise ConfigError(f"config.{_CACHE}={directory!r}: cache format "
