@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_train.py
 	$(BIN)/python experiments/bench_selection.py
 	$(BIN)/python experiments/bench_input.py
+	$(BIN)/python experiments/bench_cache.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
