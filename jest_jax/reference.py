@@ -4,7 +4,7 @@
 A `ReferenceSource` gives the train step three things: its `step_input` (the pytree the
 jitted step is handed each call), `embed(step_input, batch)` (the reference's
 `Embeddings` of the candidates, inside the step) and `attach` (per-example fields the
-input pipeline adds to each record, or None). Three are built in:
+input pipeline adds to each batch, by record index, or None). Three are built in:
 
 * `NoReference`: criteria that read no reference, and plain SigLIP;
 * `OnlineReference`: a trained jest_jax run (`selection.reference.workdir`), rebuilt
@@ -57,7 +57,7 @@ class ReferenceSource(Protocol):
     """What the train step needs of a reference model."""
 
     step_input: Any  # handed to the jitted step every call: frozen params, t'/β, or {}
-    attach: Callable[[int], dict[str, np.ndarray]] | None  # record index → extra fields
+    attach: Callable[[np.ndarray], dict[str, np.ndarray]] | None  # record indices → fields
     batch_fields: ClassVar[tuple[str, ...]]  # the per-example fields `attach` adds
 
     def embed(self, step_input: Any, batch: dict[str, jax.Array],
@@ -308,7 +308,7 @@ class CachedReference:
     """The reference cache: embeddings looked up per record, t' and β handed to the step."""
 
     scalars: dict[str, Any]  # {"log_temperature", "bias"}: NumPy scalars, or abstract
-    attach: Callable[[int], dict[str, np.ndarray]] | None = None
+    attach: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
     batch_fields: ClassVar[tuple[str, ...]] = ("ref_image", "ref_text")
 
     @property
@@ -378,9 +378,9 @@ def resume_command(directory: str) -> str:
 
 
 class ReferenceCache:
-    """Read side of the cache: `cache(index)` → that example's reference embeddings,
-    read from the sharded array (only that row; the handle is opened once per process
-    and per grain worker)."""
+    """Read side of the cache: `cache(indices)` → those examples' reference embeddings,
+    read from the sharded array in one read of just those rows (the handle is opened
+    once per process and per grain worker)."""
 
     def __init__(self, spec: ReferenceSpec, data: DataSpec):
         self.directory = directory = spec.cache_dir
@@ -444,13 +444,9 @@ class ReferenceCache:
         """The reference's t' and β, passed to the train step as its input."""
         return {k: np.float32(self.meta[k]) for k in ("log_temperature", "bias")}
 
-    def rows(self, indices: np.ndarray) -> np.ndarray:
-        """(len(indices), 2, width) float32: the cached rows of these records."""
-        return self._store.read_rows(np.asarray(indices))
-
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        row = self._store.read_rows(int(index))
-        return {"ref_image": row[0], "ref_text": row[1]}
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = self._store.read_rows(np.asarray(indices))  # (len(indices), 2, width)
+        return {"ref_image": rows[:, 0], "ref_text": rows[:, 1]}
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -111,8 +111,9 @@ def test_two_processes_killed_and_resumed_equal_one(jest_config, reference_workd
     # The training side reads rows as the cache holds them.
     spec = config_lib.validate(jest_config)
     cache = ReferenceCache(spec.reference, spec.data)
-    got = cache(37)
-    np.testing.assert_array_equal(got["ref_image"], _rows(bf16)[37, 0])
+    got = cache(np.array([37, 5, 511]))
+    np.testing.assert_array_equal(got["ref_image"], _rows(bf16)[[37, 5, 511], 0])
+    np.testing.assert_array_equal(got["ref_text"], _rows(bf16)[[37, 5, 511], 1])
 
 
 def test_cache_fields_and_old_format_are_checked(jest_config, tmp_path):
