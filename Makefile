@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_train.py
 	$(BIN)/python experiments/bench_selection.py
 	$(BIN)/python experiments/bench_input.py
+	$(BIN)/python experiments/bench_cache.py
 
 # Renew constraints.txt: resolve the newest versions setup.py allows in a scratch venv and
 # pin them all. Then `make clean test` and commit the file only if the suite passes.

@@ -18,6 +18,7 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
+        "tensorstore>=0.1.86",  # the reference cache (zarr3 sharding, gs://)
         "tensorflow-datasets>=4.9.10",  # used without TensorFlow (ArrayRecord + data_source)
         "grain>=0.2.18",
         "ml-collections>=1.1.0",

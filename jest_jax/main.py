@@ -40,7 +40,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cache", "embed"],
                           "train: train or resume; eval: evaluate the latest checkpoint; "
                           "cache: embed data.train with the reference into "
-                          "selection.reference.cache_dir; embed: write the embeddings of "
+                          "selection.reference.cache_dir (on every process, each writing its "
+                          "own shards; re-run to resume); embed: write the embeddings of "
                           "config.embed.pool by the workdir's latest checkpoint (else "
                           "model.init_from) to --output.")
 _OUTPUT = flags.DEFINE_string("output", None, "embed mode: the directory the .npy files "

@@ -4,7 +4,7 @@
 A `ReferenceSource` gives the train step three things: its `step_input` (the pytree the
 jitted step is handed each call), `embed(step_input, batch)` (the reference's
 `Embeddings` of the candidates, inside the step) and `attach` (per-example fields the
-input pipeline adds to each record, or None). Three are built in:
+input pipeline adds to each batch, by record index, or None). Three are built in:
 
 * `NoReference`: criteria that read no reference, and plain SigLIP;
 * `OnlineReference`: a trained jest_jax run (`selection.reference.workdir`), rebuilt
@@ -12,13 +12,16 @@ input pipeline adds to each record, or None). Three are built in:
   public SigLIP checkpoint (`selection.reference.checkpoint`, a big_vision `.npz`, with
   its `variant`; docs/pretrained.md), needing no jest_jax workdir;
 * `CachedReference`: the reference's embeddings of every example of the learner's pool,
-  computed once by `--mode cache` into `selection.reference.cache_dir`, attached to
-  each candidate by the pipeline, so no reference forward pass runs while training.
+  computed once by `--mode cache` into `selection.reference.cache_dir` (a sharded
+  tensorstore array, `cache_store`, written by every process in parallel and resumable),
+  attached to each candidate by the pipeline, so no reference forward pass runs while
+  training.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -30,11 +33,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jest_jax import log, sharding
+from jest_jax import cache_store, log, sharding
 from jest_jax.checkpoint import Checkpointer, CheckpointError, brief, latest_step
 from jest_jax.data import sources
 from jest_jax.data.pipeline import DataSpec
-from jest_jax.embed import write_embeddings
+from jest_jax.embed import write_cache as write_cache_shards
 from jest_jax.fields import ConfigError, Section
 from jest_jax.files import read_json
 from jest_jax.losses import Embeddings
@@ -47,14 +50,14 @@ _VARIANT = "selection.reference.variant"
 _RESIZE = "selection.reference.resize_posemb"
 # Preprocessing the reference must share with the learner: both see the same batch.
 _SHARED_DATA_FIELDS = ("image_size", "text_len", "tokenizer", "text_style")
-CACHE_FORMAT = 1
+CACHE_FORMAT = cache_store.FORMAT
 
 
 class ReferenceSource(Protocol):
     """What the train step needs of a reference model."""
 
     step_input: Any  # handed to the jitted step every call: frozen params, t'/β, or {}
-    attach: Callable[[int], dict[str, np.ndarray]] | None  # record index → extra fields
+    attach: Callable[[np.ndarray], dict[str, np.ndarray]] | None  # record indices → fields
     batch_fields: ClassVar[tuple[str, ...]]  # the per-example fields `attach` adds
 
     def embed(self, step_input: Any, batch: dict[str, jax.Array],
@@ -72,6 +75,8 @@ class ReferenceSpec:
     variant: str
     resize_posemb: bool
     needed: bool
+    cache_dtype: str = "float32"
+    cache_shard_rows: int = 65536
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -85,6 +90,11 @@ class ReferenceSpec:
         c.variant = ""     # the checkpoint's variant: B/16, L/16, So400m/14, So400m/16
         c.resize_posemb = False  # resize the checkpoint's image position embeddings to
         #                          data.image_size (else another size is an error)
+        c.cache_dtype = "float32"  # float32 | bfloat16: the cache's rows (bfloat16 halves it;
+        #                            its selections then match the online reference's
+        #                            approximately, not exactly)
+        c.cache_shard_rows = 65536  # rows per cache shard: one object, written whole by one
+        #                             process; the unit a preempted --mode cache redoes
         return c
 
     @classmethod
@@ -95,6 +105,8 @@ class ReferenceSpec:
         workdir, cache_dir = section.string("workdir"), section.string("cache_dir")
         checkpoint, variant = section.string("checkpoint"), section.string("variant")
         resize = section.boolean("resize_posemb")
+        cache_dtype = section.choice("cache_dtype", cache_store.DTYPES)
+        shard_rows = section.integer("cache_shard_rows", 1)
         section.check(not (workdir and checkpoint), "checkpoint", checkpoint,
                       "cannot be given with selection.reference.workdir: the reference is "
                       "a jest_jax run or a published checkpoint, not both")
@@ -114,7 +126,8 @@ class ReferenceSpec:
             elif "://" not in checkpoint:
                 section.check(os.path.isfile(checkpoint), "checkpoint", checkpoint,
                               "is not a file")
-        return cls(workdir, cache_dir, checkpoint, variant, resize, needed)
+        return cls(workdir, cache_dir, checkpoint, variant, resize, needed, cache_dtype,
+                   shard_rows)
 
     def online(self, data: DataSpec, mesh: jax.sharding.Mesh,
                mesh_spec: sharding.MeshSpec) -> OnlineReference:
@@ -295,7 +308,7 @@ class CachedReference:
     """The reference cache: embeddings looked up per record, t' and β handed to the step."""
 
     scalars: dict[str, Any]  # {"log_temperature", "bias"}: NumPy scalars, or abstract
-    attach: Callable[[int], dict[str, np.ndarray]] | None = None
+    attach: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
     batch_fields: ClassVar[tuple[str, ...]] = ("ref_image", "ref_text")
 
     @property
@@ -322,44 +335,77 @@ class CachedReference:
 
 def write_cache(spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
                 mesh_spec: sharding.MeshSpec, batch_size: int) -> str:
-    """Embed every example of `data.train` with the reference into `spec.cache_dir`;
-    returns the directory. An existing cache is replaced only once the new one is
-    complete."""
+    """Embed every example of `data.train` with the reference into `spec.cache_dir`,
+    every process its own shards; returns the directory. Run again after a failure, it
+    continues from the committed shards; an existing cache of another pool or reference
+    is replaced."""
     directory = spec.cache_dir
     if not directory:
         raise ConfigError(f"config.{_CACHE} is empty: set where the cache should go")
     if not spec.workdir and not spec.checkpoint:
         raise ConfigError(f"config.{_WORKDIR} and config.{_CHECKPOINT} are empty: name the "
                           "reference run or checkpoint to cache")
+    if batch_size % jax.process_count():
+        raise ConfigError(f"config.evals.batch_size={batch_size} (the cache's batch) is not "
+                          f"divisible by {jax.process_count()} processes")
     ref = spec.online(data, mesh, mesh_spec)
     pool = sources.open_source(data.train, "data.train")
     log.info(f"caching reference embeddings ({ref.description}) of "
-             f"{pool.description}, {len(pool)} examples -> {directory}")
-    meta = {"format": CACHE_FORMAT, "reference_workdir": ref.workdir,
-            "reference_step": ref.step, "pool": data.identity(),
-            **({"reference_checkpoint": spec.checkpoint_identity()} if spec.checkpoint
-               else {}),
-            "log_temperature": float(ref.params["log_temperature"]),
-            "bias": float(ref.params["bias"]), "created": time.strftime("%Y-%m-%d %H:%M")}
-    return write_embeddings(directory, lambda p, b: ref.embed(p, b)[:2], ref.params, pool,
-                            data.preprocess(check_captions=False), mesh, batch_size, meta)
+             f"{pool.description}, {len(pool)} examples -> {directory} ({spec.cache_dtype})")
+    layout = {"format": CACHE_FORMAT, "num_examples": len(pool),
+              "dtype": spec.cache_dtype,
+              "shard_rows": spec.cache_shard_rows, **_identity(spec, ref.workdir, ref.step),
+              "pool": data.identity(),
+              "log_temperature": float(ref.params["log_temperature"]),
+              "bias": float(ref.params["bias"])}
+    write_cache_shards(cache_store.CacheStore(directory), lambda p, b: ref.embed(p, b)[:2],
+                       ref.params, pool, data.preprocess(check_captions=False), mesh,
+                       batch_size, layout, {"created": time.strftime("%Y-%m-%d %H:%M")})
+    return directory
+
+
+def _identity(spec: ReferenceSpec, workdir: str, step: int | None) -> dict[str, Any]:
+    """What names the reference a cache holds: a run's workdir and step, or a file."""
+    if spec.checkpoint:
+        return {"reference_workdir": "", "reference_step": 0,
+                "reference_checkpoint": spec.checkpoint_identity()}
+    return {"reference_workdir": workdir, "reference_step": step}
+
+
+def resume_command(directory: str) -> str:
+    return (f"`python -m jest_jax.main --mode cache` with the same config (and "
+            f"{_CACHE}={directory!r}) on every process")
 
 
 class ReferenceCache:
-    """Read side of the cache: `cache(index)` → that example's reference embeddings."""
+    """Read side of the cache: `cache(indices)` → those examples' reference embeddings,
+    read from the sharded array in one read of just those rows (the handle is opened
+    once per process and per grain worker)."""
 
     def __init__(self, spec: ReferenceSpec, data: DataSpec):
         self.directory = directory = spec.cache_dir
-        meta_path = os.path.join(directory, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise ConfigError(f"config.{_CACHE}={directory!r} holds no reference cache: "
-                              "create it with `python -m jest_jax.main --mode cache` and the "
-                              "same config")
-        self.meta = read_json(meta_path)
+        store = cache_store.CacheStore(directory)
+        self.meta = store.read_json("meta.json")
+        if self.meta is None:
+            layout = store.read_json("layout.json")
+            if layout is None:
+                raise ConfigError(f"config.{_CACHE}={directory!r} holds no reference cache: "
+                                  "create it with `python -m jest_jax.main --mode cache` and "
+                                  "the same config")
+            if layout.get("format") == CACHE_FORMAT:
+                shards = -(-layout["num_examples"] // layout["shard_rows"])
+                missing = sorted(set(range(shards)) - set(store.committed()))
+                what = (f"shards {_ranges(missing)} ({len(missing)} of {shards}) are not "
+                        "written" if missing else f"all {shards} shards are written but "
+                        "not the final commit (meta.json)")
+                raise ConfigError(f"config.{_CACHE}={directory!r} is an incomplete cache: "
+                                  f"{what}; finish it by running {resume_command(directory)}")
+            self.meta = layout
         if self.meta.get("format") != CACHE_FORMAT:
             raise ConfigError(f"config.{_CACHE}={directory!r}: cache format "
-                              f"{self.meta.get('format')} is not {CACHE_FORMAT}; re-create it")
-        if self.meta["pool"] != data.identity():
+                              f"{self.meta.get('format')} is not {CACHE_FORMAT} (written by "
+                              "an older jest_jax); re-create it with --mode cache")
+        if self.meta["pool"] != json.loads(json.dumps(data.identity())):
             raise ConfigError(f"config.{_CACHE}={directory!r} was made for {self.meta['pool']}, "
                               f"but this run trains on {data.identity()}; re-create it")
         made = self.meta.get("reference_checkpoint")
@@ -377,29 +423,40 @@ class ReferenceCache:
                 f"config.{_CACHE}={directory!r} holds step {self.meta['reference_step']} of "
                 f"{self.meta['reference_workdir']}, not the latest checkpoint of "
                 f"config.{_WORKDIR}={workdir!r}; re-create it")
-        self._map()
         pool_size = len(sources.open_source(data.train, "data.train"))
-        if not self.meta["num_examples"] == len(self.image) == len(self.text) == pool_size:
-            raise ConfigError(f"config.{_CACHE}={directory!r} holds {len(self.image)} rows but "
-                              f"the pool has {pool_size} examples (rebuilt?); re-create it")
-
-    def _map(self) -> None:
-        self.image = np.load(os.path.join(self.directory, "image.npy"), mmap_mode="r")
-        self.text = np.load(os.path.join(self.directory, "text.npy"), mmap_mode="r")
+        if self.meta["num_examples"] != pool_size:
+            raise ConfigError(f"config.{_CACHE}={directory!r} holds {self.meta['num_examples']} "
+                              f"rows but the pool has {pool_size} examples (rebuilt?); "
+                              "re-create it")
+        self._store = store
 
     def __getstate__(self) -> dict[str, Any]:
-        # Sent to grain's worker processes (data.num_workers) as its directory: a pickled
-        # memmap would be a copy of the whole cache in every worker.
-        return {k: v for k, v in self.__dict__.items() if k not in ("image", "text")}
+        # Sent to grain's worker processes (data.num_workers) as its directory; each
+        # worker opens its own tensorstore handle.
+        return {k: v for k, v in self.__dict__.items() if k != "_store"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._map()
+        self._store = cache_store.CacheStore(self.directory)
 
     @property
     def scalars(self) -> dict[str, np.ndarray]:
         """The reference's t' and β, passed to the train step as its input."""
         return {k: np.float32(self.meta[k]) for k in ("log_temperature", "bias")}
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return {"ref_image": np.array(self.image[index]), "ref_text": np.array(self.text[index])}
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = self._store.read_rows(np.asarray(indices))  # (len(indices), 2, width)
+        return {"ref_image": rows[:, 0], "ref_text": rows[:, 1]}
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] → "0-2, 5" (at most 10 ranges shown)."""
+    spans: list[list[int]] = []
+    for x in numbers:
+        if spans and x == spans[-1][1] + 1:
+            spans[-1][1] = x
+        else:
+            spans.append([x, x])
+    text = [f"{a}-{b}" if b > a else f"{a}" for a, b in spans]
+    return ", ".join(text[:10]) + (f", … ({len(spans) - 10} more ranges)" if len(spans) > 10
+                                   else "")

@@ -199,10 +199,10 @@ def test_a_failing_cache_read_is_an_error_not_a_bad_record():
     clean = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok"}] * POOL
     victim = _stream_order(0, BATCH)[3]
 
-    def attach(record: int) -> dict:
-        if record == victim:
-            raise OSError(f"cache read of record {record} failed")
-        return {"ref_embedding": np.full(2, record, np.float32)}
+    def attach(records: np.ndarray) -> dict:  # one call per batch, as the cache reads
+        if victim in records:
+            raise OSError(f"cache read of record {victim} failed")
+        return {"ref_embedding": np.repeat(records[:, None], 2, axis=1).astype(np.float32)}
 
     batches = iter(train_dataset(clean, _preprocess(), batch_size=BATCH, seed=0,
                                  num_threads=0, attach=attach))
@@ -212,6 +212,6 @@ def test_a_failing_cache_read_is_an_error_not_a_bad_record():
     pool = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "ok" if i != victim else ""}
             for i in range(POOL)]
     batch = next(iter(train_dataset(pool, _preprocess(), batch_size=BATCH, seed=0,
-                                    num_threads=0, attach=lambda r: {"ref": np.int32(r)})))
+                                    num_threads=0, attach=lambda r: {"ref": r.astype(np.int32)})))
     np.testing.assert_array_equal(batch["ref"], batch["index"])
     assert (victim + 1) % POOL in batch["index"].tolist() and victim not in batch["index"]

@@ -161,13 +161,14 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 2,
-    attach: Callable[[int], dict[str, np.ndarray]] | None = None,
+    attach: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
     skip_bad_records: bool = True,
     num_workers: int = 0,
 ) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled each epoch) batches of this process's share.
 
-    `attach(record_index)` adds per-example arrays (e.g. cached reference embeddings).
+    `attach(record_indices)` adds per-example arrays to each batch (e.g. cached reference
+    embeddings: one read per batch, not per record).
     Bad records are replaced by the next good one, or raise with `skip_bad_records=False`
     (`records.SkipBad`); each
     example's `bad_records` is 1 where the record at its place was bad.
@@ -188,9 +189,9 @@ def train_dataset(
         .map(_GlobalPosition(order, batch_size, local, process_index))
         .map(SkipBad(_Load(source, preprocess), len(source), skip_bad_records))
     )
+    ds = ds.batch(local, drop_remainder=True)
     if attach is not None:  # outside SkipBad: a failing cache read is an error, not bad data
         ds = ds.map(_Attach(attach))
-    ds = ds.batch(local, drop_remainder=True)
     # Buffer counts elements of the batched dataset: a couple of batches suffices.
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
     if num_workers:
@@ -285,13 +286,14 @@ class _Load:
 
 
 class _Attach:
-    """Adds `attach(record)` for the record actually used (a bad one's replacement)."""
+    """Adds `attach(records)` to a batch, for the records actually used (a bad one's
+    replacement)."""
 
-    def __init__(self, attach: Callable[[int], dict[str, np.ndarray]]):
+    def __init__(self, attach: Callable[[np.ndarray], dict[str, np.ndarray]]):
         self.attach = attach
 
-    def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**example, **self.attach(int(example["index"]))}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **self.attach(batch["index"])}
 
 
 def eval_batches(
@@ -302,11 +304,13 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     limit: int | None = None,
+    offset: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One ordered pass; the last batch is zero-padded and `mask` marks real rows."""
+    """One ordered pass over records offset..limit; the last batch is zero-padded and
+    `mask` marks real rows."""
     total = len(source) if limit is None else min(limit, len(source))
     local = batch_size // process_count
-    for start in range(0, total, batch_size):
+    for start in range(offset, total, batch_size):
         first = start + process_index * local
         rows = [_eval_example(source, preprocess, i)
                 for i in range(first, min(first + local, total))]
