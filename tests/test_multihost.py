@@ -116,10 +116,13 @@ def test_checkpoints_resume_on_other_process_and_device_counts(data_dir, referen
     for w in (two, grown):
         # Only process 0 logs: one row per step, none duplicated by process 1.
         assert [r["step"] for r in rows[w]] == [1, 2, 3, 4, 5, 6]
-        for key in ("loss", "grad_norm", "selection/score_selected", "selection/score_random"):
-            # Same global batches and selections; only the reduction order differs.
+        # Same global batches and selections; only the reduction order differs (seen: at
+        # most 3e-6 relative for the loss and gradient norm, 7e-6 for the selection scores,
+        # sums of differences of pair losses); the selected examples are exactly the same.
+        for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-5), ("selection/score_selected", 3e-5),
+                          ("selection/score_random", 3e-5)):
             np.testing.assert_allclose([r[key] for r in rows[w]], [r[key] for r in rows[one]],
-                                       rtol=1e-5, err_msg=f"{w}: {key}")
+                                       rtol=rtol, err_msg=f"{w}: {key}")
         for key in ("selection/clean_selected", "selection/clean_super"):  # same examples
             assert [r[key] for r in rows[w]] == [r[key] for r in rows[one]], (w, key)
         with open(os.path.join(w, "final_metrics.json")) as f:
