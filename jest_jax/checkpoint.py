@@ -1,27 +1,28 @@
-"""orbax checkpoints holding the train state next to the grain iterator state."""
+"""orbax checkpoints holding the train state next to the global data position."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jest_jax import log
 from jest_jax.fields import Section
+from jest_jax.files import read_json
 from jest_jax.sharding import path_name
 
 
@@ -65,8 +66,11 @@ def latest_step(workdir: str) -> int | None:
 
 
 class Checkpointer:
-    """`workdir/checkpoints/<step>/{state,data,counters}`; all processes take part (orbax).
+    """`workdir/checkpoints/<step>/{state,position,counters}`; all processes take part (orbax).
 
+    `position` is the data position, a small JSON item written once (by process 0), not
+    one per process, so any number of processes can resume it (`data.pipeline.Stream`);
+    checkpoints written before it hold grain's per-process states in `data/` instead.
     `counters` is a small JSON item of run totals (skipped steps, bad records) that must
     survive a restart like the state does.
     """
@@ -91,28 +95,25 @@ class Checkpointer:
         """The newest committed checkpoint's step, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any | None = None,
+    def save(self, step: int, state: Any, position: dict[str, Any] | None = None,
              counters: dict[str, int] | None = None) -> None:
         """Save asynchronously (arrays are copied to host first, so donation is safe),
         with a checksum of each array of `state` (`checksums`), checked on restore."""
         items = {"state": ocp.args.StandardSave(state),
                  "checksums": ocp.args.JsonSave(checksums(state))}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if position is not None:
+            items["position"] = ocp.args.JsonSave(position)
         if counters is not None:
             items["counters"] = ocp.args.JsonSave(counters)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, abstract_state: Any, data_iterator: Any | None = None,
-                step: int | None = None) -> Any:
-        """Restore `state` (shaped and sharded like `abstract_state`) and, if given,
-        the data iterator in place. Defaults to the latest step."""
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+        """Restore `state`, shaped and sharded like `abstract_state` (orbax re-shards it
+        onto any mesh). Defaults to the latest step."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        if data_iterator is not None:
-            self._check_process_count(step)
-        return self._restore(abstract_state, data_iterator, step)[0]
+        return self._restore(abstract_state, step)[0]
 
     def restore_params(self, abstract_params: Any, step: int) -> Any:
         """Only the params of the state saved at `step`, shaped and placed like
@@ -142,11 +143,8 @@ class Checkpointer:
             reader.close()
         verify_checksums(restored, saved, f"the checkpoint at step {step}")
 
-    def _restore(self, abstract_state: Any, data_iterator: Any | None,
-                 step: int) -> tuple[Any, dict[str, int]]:
+    def _restore(self, abstract_state: Any, step: int) -> tuple[Any, dict[str, int]]:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         has_counters = os.path.isdir(os.path.join(self.directory, str(step), "counters"))
         if has_counters:  # absent in checkpoints written before counters existed
             items["counters"] = ocp.args.JsonRestore()
@@ -154,9 +152,16 @@ class Checkpointer:
         self._verify(step, out["state"])
         return out["state"], (dict(out["counters"]) if has_counters else {})
 
-    def restore_latest_good(self, abstract_state: Any, data_iterator: Any | None = None
-                            ) -> tuple[int, Any, dict[str, int]] | None:
-        """(step, state, counters) of the newest checkpoint that restores; None if none exist.
+    def restore_latest_good(self, abstract_state: Any,
+                            check_position: Callable[[dict[str, Any]], str | None] | None = None
+                            ) -> tuple[int, Any, dict[str, int], dict[str, Any] | None] | None:
+        """(step, state, counters, data position) of the newest checkpoint that restores;
+        None if none exist.
+
+        With `check_position`, each checkpoint's data position is read first, and
+        `check_position(position)` says why this run cannot continue it (another batch
+        size, another dataset, ...): that stops the run with a `CheckpointError` naming
+        the checkpoint, and nothing is moved. Without it, no position is read (None).
 
         A checkpoint that fails to restore (truncated or missing files) is skipped for the
         one before it; once one restores, the broken newer ones are moved aside to
@@ -166,17 +171,25 @@ class Checkpointer:
         """
         failures: list[tuple[int, Exception]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
-            # Each process reads only its own data position (and array shards), so damage
-            # may show on one alone, while all must resume from the same step. The position
-            # is checked by every process and agreed on *before* orbax restores anything:
-            # a process failing inside orbax's restore would leave the others at its barriers.
-            error = self._data_position_error(step) if data_iterator is not None else None
+            # Each process reads the data position (and its own array shards), and a read
+            # may fail on one alone, while all must resume from the same step. The position
+            # is read by every process and agreed on *before* orbax restores anything: a
+            # process failing inside orbax's restore would leave the others at its barriers.
+            position, error = None, None
+            if check_position is not None:
+                position, error = self._read_position(step)
             if not _on_every_process(error is None):
                 failures.append((step, error or RuntimeError(
-                    "another process's input-pipeline position is missing or unreadable")))
+                    "another process could not read the input-pipeline position")))
                 continue
+            why = check_position(position) if position is not None else None
+            if why:  # every process read the same file, so all stop here together
+                raise CheckpointError(
+                    f"the checkpoint at step {step} in {self.directory} cannot continue "
+                    f"this run's data order: it was written with {why}. Resume with the "
+                    "values it was written with, or use a new workdir")
             try:
-                state, counters = self._restore(abstract_state, data_iterator, step)
+                state, counters = self._restore(abstract_state, step)
             except CheckpointError:  # intact, but not resumable by this run: never moved
                 raise
             except Exception as e:  # tensorstore/orbax raise many types for bad files
@@ -191,7 +204,7 @@ class Checkpointer:
                             f"({brief(error)}); moved it to {moved} and resumed from step {step}")
             if failures:
                 self._manager.reload()
-            return step, state, counters
+            return step, state, counters, position
         if failures:
             detail = "; ".join(f"step {s}: {brief(e)}" for s, e in failures)
             raise CheckpointError(
@@ -200,30 +213,20 @@ class Checkpointer:
                 "move them away to start over")
         return None
 
-    def _data_position_error(self, step: int) -> Exception | None:
-        """Why this process's saved input-pipeline position cannot be read, or None."""
-        self._check_process_count(step)
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        try:
-            with open(os.path.join(self.directory, str(step), "data", name)) as f:
-                json.load(f)
-        except (OSError, ValueError) as e:
-            return e
-        return None
+    def _read_position(self, step: int) -> tuple[dict[str, Any] | None, Exception | None]:
+        """(the data position saved at `step`, None), or (None, why it cannot be read).
 
-    def _check_process_count(self, step: int) -> None:
-        """grain saves one iterator state per process (`process_<i>-of-<n>.json`), so only
-        the same number of processes can resume it; say so instead of grain's own error."""
-        data = os.path.join(self.directory, str(step), "data")
-        written = {int(m.group(1)) for name in (os.listdir(data) if os.path.isdir(data) else ())
-                   if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))}
-        if written and jax.process_count() not in written:
-            n = max(written)
-            raise CheckpointError(
-                f"the checkpoint at step {step} in {self.directory} was written by {n} "
-                f"process{'es' * (n > 1)} and this run has {jax.process_count()}: each process "
-                f"saved its own input-pipeline position, so resume with {n} "
-                f"process{'es' * (n > 1)} (--num_processes), or use a new workdir")
+        Read with orbax's JSON handler directly, not through the manager: its restore
+        ends at a barrier, where one process failing would leave the others waiting.
+        """
+        path = os.path.join(self.directory, str(step))
+        try:
+            if os.path.isdir(os.path.join(path, "position")):
+                return dict(ocp.JsonCheckpointHandler().restore(
+                    epath.Path(path) / "position")), None
+            return _legacy_position(os.path.join(path, "data")), None
+        except Exception as e:  # a missing, truncated or unreadable file
+            return None, e
 
     def _move_aside(self, step: int) -> str:
         target = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -240,6 +243,24 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _legacy_position(data: str) -> dict[str, Any]:
+    """grain's iterator state in a checkpoint written before `position` existed.
+
+    Each of the n processes wrote `process_<i>-of-<n>.json` with `{"next_index": k}`, k
+    its batches drawn, which is the global batch count on every process: any one file is
+    the whole position, so a run of any process count reads its own file if it has one
+    and process 0's otherwise.
+    """
+    names = os.listdir(data) if os.path.isdir(data) else []
+    counts = {int(m.group(1)) for name in names
+              if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))}
+    if not counts:
+        raise FileNotFoundError(f"no input-pipeline position in {os.path.dirname(data)}")
+    n = max(counts)
+    i = jax.process_index() if jax.process_index() < n else 0
+    return dict(read_json(os.path.join(data, f"process_{i}-of-{n}.json")))
 
 
 def _on_every_process(ok: bool) -> bool:

@@ -15,7 +15,7 @@ from jest_jax import config as config_lib
 from jest_jax import reference as reference_lib
 from jest_jax.checkpoint import Checkpointer, latest_step
 from jest_jax.data import sources
-from jest_jax.data.pipeline import train_dataset
+from jest_jax.data.pipeline import Stream, train_dataset
 from jest_jax.embed import write_embeddings
 from jest_jax.files import write_atomically, write_json
 from jest_jax.metrics import DataWait, MetricWriter, read_metrics
@@ -39,12 +39,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         return _train(config, workdir, stop_at_step, preemption)
 
 
-def train_data(run: build.Run):
+def _draw(run: build.Run) -> int:
+    """Examples drawn per step: with selection, a super-batch of N candidates."""
+    scorer = run.wired.scorer
+    return scorer.spec.num_candidates if scorer else run.spec.batch_size
+
+
+def train_data(run: build.Run, pool: sources.Pool | None = None):
     """The training pipeline of `run`: (super-)batches of this process's share."""
-    spec, scorer = run.spec, run.wired.scorer
-    # With selection, the pipeline delivers super-batches of N candidates.
-    draw = scorer.spec.num_candidates if scorer else spec.batch_size
-    pool = sources.open_source(spec.data.train, "data.train")
+    spec, scorer, draw = run.spec, run.wired.scorer, _draw(run)
+    pool = sources.open_source(spec.data.train, "data.train") if pool is None else pool
     try:
         return train_dataset(pool, run.preprocess, batch_size=draw,
                              attach=run.wired.reference.attach, seed=spec.seed,
@@ -65,13 +69,20 @@ class _Training:
     def __init__(self, run: build.Run, workdir: str, checkpointer: Checkpointer):
         self.run, self.workdir, self.ckpt = run, workdir, checkpointer
         self.spec = run.spec
-        self.data = iter(train_data(run))
+        pool = sources.open_source(self.spec.data.train, "data.train")
+        self.data = iter(train_data(run, pool))
+        # The data position a checkpoint keeps is global: any process count resumes it.
+        self.stream = Stream(super_batch=_draw(run), batch_size=self.spec.batch_size,
+                             seed=self.spec.seed, pool_size=len(pool),
+                             pool=self.spec.data.train.identity())
         os.makedirs(workdir, exist_ok=True)
         # Run totals that must survive restarts; saved in each checkpoint.
         self.counters = {"skipped_steps": 0, "bad_records": 0}
-        restored = checkpointer.restore_latest_good(run.state.abstract_sharded(), self.data)
+        restored = checkpointer.restore_latest_good(run.state.abstract_sharded(),
+                                                    self.stream.mismatch)
         if restored is not None:
-            self.last_good, self.state, saved = restored
+            self.last_good, self.state, saved, position = restored
+            self.stream.resume(self.data, position)
             self.counters.update(saved)
             log.info(f"resuming from the checkpoint at step {self.last_good} in "
                      f"{checkpointer.directory}")
@@ -183,13 +194,13 @@ class _Training:
 
     def save(self, step: int) -> None:
         # Saved before the next batch is drawn, so a resume redraws it.
-        self.ckpt.save(step, self.state, self.data, dict(self.counters))
+        self.ckpt.save(step, self.state, self.stream.position(self.data), dict(self.counters))
         self.last_good = step
         self.progress.restart_clock(step)
         self.data_wait.restart()
 
     def close(self) -> None:
-        self.ckpt.close()  # saves in flight read the data position: before closing the data
+        self.ckpt.close()  # waits for the saves in flight
         self.writer.close()
         self.data.close()  # stops grain's worker processes (data.num_workers) now, not at exit
 

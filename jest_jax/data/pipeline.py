@@ -3,7 +3,8 @@
 Training batches come from one global shuffled stream of record indices; at step s
 the global batch is stream positions [s*B, (s+1)*B) and process p reads only its
 contiguous slice of it. The global batch (and its order) is therefore the same for
-any number of processes, and the iterator state is a single position: checkpointable.
+any number of processes, and where a run stands is one global number: `Stream` turns it
+into each process's iterator state, for any number of processes.
 """
 
 from __future__ import annotations
@@ -197,6 +198,68 @@ def train_dataset(
     if num_workers:
         return _WorkerBatches(ds, options, num_workers)
     return ds.to_iter_dataset(options)
+
+
+# Fields of a pool's identity that say where its records are, not which: a dataset copied
+# to another disk or bucket is the same stream.
+_LOCATION = ("data_dir",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """What fixes the global training stream, and where a run stands in it.
+
+    The stream is `shuffle(seed)` of the pool's record indices, reshuffled each epoch;
+    step s draws its positions [s*N, (s+1)*N), N = `super_batch` (`batch_size` without
+    selection). A checkpoint keeps `position(iterator)`: `stream_position`, the positions
+    drawn so far, one number whatever the processes, devices or `data.num_workers`, next
+    to what gives it its meaning. `resume` sets any process's iterator there, once
+    `mismatch` found nothing that would make the same number mean other data.
+
+    Bad records do not move positions: a bad record is replaced by the next good one of
+    the pool (`records.SkipBad`), a function of the record index alone, so position p is
+    the same example for every process count.
+    """
+
+    super_batch: int
+    batch_size: int
+    seed: int
+    pool_size: int
+    pool: dict[str, Any]
+
+    def position(self, iterator: grain.DatasetIterator) -> dict[str, Any]:
+        """The JSON a checkpoint keeps for `iterator` (any process's: they agree)."""
+        batches = int(iterator.get_state()["next_index"])  # this process's = global batches
+        return {"stream_position": batches * self.super_batch, **dataclasses.asdict(self)}
+
+    def mismatch(self, saved: dict[str, Any]) -> str | None:
+        """Why `saved` cannot be resumed by this stream, naming each difference; None if it can.
+
+        A position saved before positions were global (grain's own per-process state,
+        `{"next_index": k}`: k batches, the same on every process) records nothing to
+        compare, and is taken as it is.
+        """
+        if "stream_position" not in saved:
+            return None
+        differ = [f"{what}={saved.get(key)!r} (this run has {getattr(self, key)!r})"
+                  for key, what in (("batch_size", "batch_size"),
+                                    ("super_batch", "a super-batch N"),
+                                    ("seed", "seed"), ("pool_size", "data.train's size"))
+                  if saved.get(key) != getattr(self, key)]
+        if _which(saved.get("pool", {})) != _which(self.pool):
+            differ.append(f"data.train={_which(saved.get('pool', {}))} "
+                          f"(this run has {_which(self.pool)})")
+        return "; ".join(differ) or None
+
+    def resume(self, iterator: grain.DatasetIterator, saved: dict[str, Any]) -> None:
+        """Put `iterator` (this process's share) at the saved position."""
+        batches = (saved["stream_position"] // self.super_batch if "stream_position" in saved
+                   else int(saved["next_index"]))
+        iterator.set_state({"next_index": batches})
+
+
+def _which(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k not in _LOCATION}
 
 
 class _WorkerBatches(grain.IterDataset):
