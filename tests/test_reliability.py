@@ -307,7 +307,7 @@ def test_a_flipped_byte_in_a_readable_checkpoint_fails_its_checksum_and_is_moved
     with pytest.raises(ValueError, match=r"checksum mismatch in 1 array\(s\) of the checkpoint "
                                          r"at step 2: params/w: the files are readable"):
         ckpt.restore_params(abstract["params"], 2)  # a reference or evaluation read
-    step, restored, _ = ckpt.restore_latest_good(abstract)
+    step, restored, _, _ = ckpt.restore_latest_good(abstract)  # (…, counters, position)
     ckpt.close()
     assert step == 1 and int(restored["step"]) == 1
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
