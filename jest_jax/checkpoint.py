@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 import time
 from typing import Any
@@ -16,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jest_jax import log
+from jest_jax import files, log
 from jest_jax.fields import Section
 
 
@@ -48,10 +46,18 @@ class CheckpointSpec:
 
 def latest_step(workdir: str) -> int | None:
     """The newest committed checkpoint step in `workdir` (a cheap directory scan), or None."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] \
-        if os.path.isdir(ckpt_dir) else []
+    directory = files.join(workdir, "checkpoints")
+    names = files.listdir(directory)
+    steps = [int(d) for d in names if d.isdigit() and _committed(directory, d)]
     return max(steps) if steps else None
+
+
+def _committed(directory: str, name: str) -> bool:
+    """Whether the step directory `name` is a finished save. Locally orbax writes into
+    `<step>.orbax-checkpoint-tmp-*` and renames, so a `<step>` is finished; a bucket has
+    no rename, and orbax writes `<step>/` directly and `commit_success.txt` last."""
+    return not files.is_url(directory) or files.exists(
+        files.join(directory, name, "commit_success.txt"))
 
 
 class Checkpointer:
@@ -62,13 +68,14 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, max_to_keep: int = 3, owner: bool = False):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = files.join(files.absolute(workdir), "checkpoints")  # or a bucket
         # A write killed half-way leaves `<step>.orbax-checkpoint-tmp-*`: never a step
         # orbax lists. The run training in `workdir` (`owner`) removes them so they cannot
         # pile up; a reader (eval, a learner loading its reference) must not, as it could
         # be the write in progress of a run still training there.
-        if owner and jax.process_index() == 0 and os.path.isdir(self.directory):
-            partial = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
+        if owner and jax.process_index() == 0:
+            partial = [n for n in files.listdir(self.directory) if ".orbax-checkpoint-tmp" in n
+                       or (n.isdigit() and not _committed(self.directory, n))]
             if partial:
                 log.warning(f"removing {len(partial)} half-written checkpoint(s) in "
                             f"{self.directory} ({', '.join(partial)}): a save was interrupted "
@@ -112,7 +119,7 @@ class Checkpointer:
             restore_args=ocp.checkpoint_utils.construct_restore_args(item))
         reader = ocp.PyTreeCheckpointer()
         try:
-            restored = reader.restore(os.path.join(self.directory, str(step), "state"), args=args)
+            restored = reader.restore(files.join(self.directory, str(step), "state"), args=args)
         finally:
             reader.close()
         return restored["params"]
@@ -122,7 +129,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        has_counters = os.path.isdir(os.path.join(self.directory, str(step), "counters"))
+        has_counters = files.is_dir(files.join(self.directory, str(step), "counters"))
         if has_counters:  # absent in checkpoints written before counters existed
             items["counters"] = ocp.args.JsonRestore()
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -179,8 +186,7 @@ class Checkpointer:
         self._check_process_count(step)
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         try:
-            with open(os.path.join(self.directory, str(step), "data", name)) as f:
-                json.load(f)
+            files.read_json(files.join(self.directory, str(step), "data", name))
         except (OSError, ValueError) as e:
             return e
         return None
@@ -188,8 +194,8 @@ class Checkpointer:
     def _check_process_count(self, step: int) -> None:
         """grain saves one iterator state per process (`process_<i>-of-<n>.json`), so only
         the same number of processes can resume it; say so instead of grain's own error."""
-        data = os.path.join(self.directory, str(step), "data")
-        written = {int(m.group(1)) for name in (os.listdir(data) if os.path.isdir(data) else ())
+        data = files.join(self.directory, str(step), "data")
+        written = {int(m.group(1)) for name in files.listdir(data)
                    if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))}
         if written and jax.process_count() not in written:
             n = max(written)
@@ -200,9 +206,9 @@ class Checkpointer:
                 f"process{'es' * (n > 1)} (--num_processes), or use a new workdir")
 
     def _move_aside(self, step: int) -> str:
-        target = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0:
-            os.rename(os.path.join(self.directory, str(step)), target)
+        target = files.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:  # in a bucket: copied, then deleted (files.move_tree)
+            files.move_tree(files.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         return target

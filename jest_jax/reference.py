@@ -19,6 +19,7 @@ input pipeline adds to each record, or None). Three are built in:
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import time
 from collections.abc import Callable
@@ -30,13 +31,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jest_jax import log, sharding
+from jest_jax import files, log, sharding
 from jest_jax.checkpoint import Checkpointer, CheckpointError, brief, latest_step
 from jest_jax.data import sources
 from jest_jax.data.pipeline import DataSpec
 from jest_jax.embed import write_embeddings
 from jest_jax.fields import ConfigError, Section
-from jest_jax.files import read_json
 from jest_jax.losses import Embeddings
 from jest_jax.models import Model, ModelSpec, big_vision
 
@@ -220,7 +220,7 @@ class OnlineReference:
                 "reference run") from None
         finally:
             checkpointer.close()
-        return cls(model, params, step, os.path.realpath(workdir))
+        return cls(model, params, step, files.absolute(workdir))
 
     @classmethod
     def pretrained(cls, spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
@@ -255,11 +255,11 @@ def pretrained_model(variant: str, image_size: int, text_len: int, vocab_size: i
 
 def reference_model(workdir: str, data: DataSpec) -> Model:
     """The model of the run in `workdir`, checked to see inputs as the learner does."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = files.join(workdir, "config.json")
+    if not files.is_file(path):
         raise ConfigError(f"config.{_WORKDIR}={workdir!r} is not a run's workdir "
                           "(no config.json)")
-    saved = ml_collections.ConfigDict(read_json(path))
+    saved = ml_collections.ConfigDict(files.read_json(path))
     # A field added since the reference was trained takes its default: each default is
     # what the code did before the field existed (docs/design.md §4, "Config").
     model_fields = ModelSpec.defaults()
@@ -350,12 +350,12 @@ class ReferenceCache:
 
     def __init__(self, spec: ReferenceSpec, data: DataSpec):
         self.directory = directory = spec.cache_dir
-        meta_path = os.path.join(directory, "meta.json")
-        if not os.path.isfile(meta_path):
+        meta_path = files.join(directory, "meta.json")
+        if not files.is_file(meta_path):
             raise ConfigError(f"config.{_CACHE}={directory!r} holds no reference cache: "
                               "create it with `python -m jest_jax.main --mode cache` and the "
                               "same config")
-        self.meta = read_json(meta_path)
+        self.meta = files.read_json(meta_path)
         if self.meta.get("format") != CACHE_FORMAT:
             raise ConfigError(f"config.{_CACHE}={directory!r}: cache format "
                               f"{self.meta.get('format')} is not {CACHE_FORMAT}; re-create it")
@@ -363,7 +363,7 @@ class ReferenceCache:
             raise ConfigError(f"config.{_CACHE}={directory!r} was made for {self.meta['pool']}, "
                               f"but this run trains on {data.identity()}; re-create it")
         made = self.meta.get("reference_checkpoint")
-        workdir = os.path.realpath(spec.workdir) if spec.workdir else ""
+        workdir = files.absolute(spec.workdir) if spec.workdir else ""
         if spec.checkpoint or made:
             if made != (spec.checkpoint_identity() if spec.checkpoint else None):
                 raise ConfigError(
@@ -384,6 +384,11 @@ class ReferenceCache:
                               f"the pool has {pool_size} examples (rebuilt?); re-create it")
 
     def _map(self) -> None:
+        if files.is_url(self.directory):  # no memory map of an object: read it whole
+            self.image, self.text = (
+                np.load(io.BytesIO(files.read_bytes(files.join(self.directory, f"{n}.npy"))))
+                for n in ("image", "text"))
+            return
         self.image = np.load(os.path.join(self.directory, "image.npy"), mmap_mode="r")
         self.text = np.load(os.path.join(self.directory, "text.npy"), mmap_mode="r")
 

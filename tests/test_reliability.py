@@ -439,14 +439,6 @@ def test_preempted_at_an_eval_step_evaluates_it_on_resume(tiny_config, tmp_path,
     assert [r["step"] for r in expected if "loss" not in r] == [2, 4, 6]
 
 
-def test_url_workdir_is_refused(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(faults.WorkdirError, match=r"--workdir 'gs://bucket/run' is a URL; "
-                                                  r"workdirs must be file system paths"):
-        train.train(tiny_config, "gs://bucket/run")
-    assert os.listdir(tmp_path) == []  # no local "gs:" directory
-
-
 def test_damaged_reference_checkpoint_is_a_clear_error(jest_config, reference_workdir, tmp_path):
     import shutil
 
