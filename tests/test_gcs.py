@@ -160,3 +160,23 @@ def test_a_sentencepiece_model_in_a_bucket(tmp_path, gcs_bucket):
     assert there.vocab_size == here.vocab_size
     for text in ("a red circle", "two squares"):
         np.testing.assert_array_equal(there.encode(text, 8), here.encode(text, 8))
+
+
+def test_event_files_are_cut_back_to_a_step_and_lose_a_torn_record(tmp_path):
+    """What a resume does to a killed run's TensorBoard file (locally; the bucket case is in
+    the kill test above): events past the step go, a half-written last record too."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.proto.event_pb2 import Event
+
+    from jest_jax.metrics import events_up_to
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 6):
+            writer.add_scalar("loss", 10.0 - step, step)
+    (path,) = tmp_path.iterdir()
+    data = path.read_bytes()
+    torn = data + event_records(data)[-1][:20]  # a kill in the middle of the next record
+    kept = [Event.FromString(r[12:-4]) for r in event_records(events_up_to(torn, 3))]
+    assert [(e.step, [v.simple_value for v in e.summary.value]) for e in kept] == \
+        [(0, []), (1, [9.0]), (2, [8.0]), (3, [7.0])]  # step 0: the file-version record
+    assert events_up_to(data, 5) == data  # nothing past 5: the bytes unchanged
