@@ -53,10 +53,13 @@ def join(path: str, *parts: str) -> str:
     return os.path.join(str(path), *parts)
 
 
-def absolute(path: str) -> str:
+def absolute(path: str, resolve_links: bool = False) -> str:
     """A name for `path` that does not depend on the working directory: URLs as they are
-    (`os.path.realpath` would make `gs://b/x` a local path), local paths resolved."""
-    return str(path) if is_url(path) else os.path.realpath(path)
+    (`os.path` would make `gs://b/x` a local path), local paths made absolute, and with
+    `resolve_links` symbolic links resolved too (`os.path.realpath`)."""
+    if is_url(path):
+        return str(path)
+    return os.path.realpath(path) if resolve_links else os.path.abspath(path)
 
 
 def exists(path: str) -> bool:

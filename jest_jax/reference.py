@@ -220,7 +220,7 @@ class OnlineReference:
                 "reference run") from None
         finally:
             checkpointer.close()
-        return cls(model, params, step, files.absolute(workdir))
+        return cls(model, params, step, files.absolute(workdir, resolve_links=True))
 
     @classmethod
     def pretrained(cls, spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
@@ -363,7 +363,7 @@ class ReferenceCache:
             raise ConfigError(f"config.{_CACHE}={directory!r} was made for {self.meta['pool']}, "
                               f"but this run trains on {data.identity()}; re-create it")
         made = self.meta.get("reference_checkpoint")
-        workdir = files.absolute(spec.workdir) if spec.workdir else ""
+        workdir = files.absolute(spec.workdir, resolve_links=True) if spec.workdir else ""
         if spec.checkpoint or made:
             if made != (spec.checkpoint_identity() if spec.checkpoint else None):
                 raise ConfigError(

@@ -261,7 +261,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str | None, output: str) -
             params = checkpointer.restore_params(run.state.abstract_params(), step)
         finally:
             checkpointer.close()
-        described = f"step {step} of {files.absolute(workdir)}"
+        described = f"step {step} of {files.absolute(workdir, resolve_links=True)}"
     else:
         if not run.spec.model.init_from:
             where = f"{workdir} has no checkpoint" if workdir else "no --workdir was given"
