@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -29,6 +31,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the emulator's process (Linux): SIGTERM it when the test process dies, so a test
+    session that is killed leaves no server behind (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class Emulator:
@@ -48,7 +58,8 @@ class Emulator:
             [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
              "-filesystem-root", self._root.name, "-host", "127.0.0.1",
              "-port", str(self.port), "-external-url", self.url, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         # Ready when it lists buckets; generous: the machine may be loaded.
         give_up = time.monotonic() + deadline_s
         while True:
