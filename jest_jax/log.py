@@ -81,15 +81,21 @@ class FileLog(logging.Handler):
         if self._log is None:
             self._pending.append(line)
             return
-        self._log.append(line)
-        self._log.flush()
+        try:
+            self._log.append(line)
+            self._log.flush()
+        except Exception:  # noqa: BLE001 - a failed upload must not stop training
+            self.handleError(record)  # logging's report on stderr; the next flush retries
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         LOGGER.removeHandler(self)
         if self._log is not None and error is not None and not isinstance(error, KeyboardInterrupt):
-            self._log.append(f"error: {error}\n")
-            self._log.flush()
+            try:
+                self._log.append(f"error: {error}\n")
+                self._log.flush()
+            except Exception:  # noqa: BLE001, S110 - the error itself is what must surface
+                pass
 
 
 def _speaks(every_process: bool) -> bool:

@@ -296,6 +296,9 @@ def test_nan_selection_scores_stop_the_run_naming_them(tiny_config, tmp_path, mo
                              r"written. config.faults.nonfinite='skip'"):
         train.train(config, str(tmp_path / "run"))
     assert _steps(tmp_path / "run") == []
+    # The error that ended the run is the last line of its log.txt.
+    last = (tmp_path / "run" / "log.txt").read_text().splitlines()[-1]
+    assert last.startswith("error: non-finite selection scores at step 1 (loss="), last
 
 
 @pytest.mark.slow
