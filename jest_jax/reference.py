@@ -33,13 +33,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jest_jax import cache_store, log, sharding
+from jest_jax import cache_store, files, log, sharding
 from jest_jax.checkpoint import Checkpointer, CheckpointError, brief, latest_step
 from jest_jax.data import sources
 from jest_jax.data.pipeline import DataSpec
 from jest_jax.embed import write_cache as write_cache_shards
 from jest_jax.fields import ConfigError, Section
-from jest_jax.files import read_json
 from jest_jax.losses import Embeddings
 from jest_jax.models import Model, ModelSpec, big_vision
 
@@ -233,7 +232,7 @@ class OnlineReference:
                 "reference run") from None
         finally:
             checkpointer.close()
-        return cls(model, params, step, os.path.realpath(workdir))
+        return cls(model, params, step, files.absolute(workdir, resolve_links=True))
 
     @classmethod
     def pretrained(cls, spec: ReferenceSpec, data: DataSpec, mesh: jax.sharding.Mesh,
@@ -268,11 +267,11 @@ def pretrained_model(variant: str, image_size: int, text_len: int, vocab_size: i
 
 def reference_model(workdir: str, data: DataSpec) -> Model:
     """The model of the run in `workdir`, checked to see inputs as the learner does."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = files.join(workdir, "config.json")
+    if not files.is_file(path):
         raise ConfigError(f"config.{_WORKDIR}={workdir!r} is not a run's workdir "
                           "(no config.json)")
-    saved = ml_collections.ConfigDict(read_json(path))
+    saved = ml_collections.ConfigDict(files.read_json(path))
     # A field added since the reference was trained takes its default: each default is
     # what the code did before the field existed (docs/design.md §4, "Config").
     model_fields = ModelSpec.defaults()
@@ -409,7 +408,7 @@ class ReferenceCache:
             raise ConfigError(f"config.{_CACHE}={directory!r} was made for {self.meta['pool']}, "
                               f"but this run trains on {data.identity()}; re-create it")
         made = self.meta.get("reference_checkpoint")
-        workdir = os.path.realpath(spec.workdir) if spec.workdir else ""
+        workdir = files.absolute(spec.workdir, resolve_links=True) if spec.workdir else ""
         if spec.checkpoint or made:
             if made != (spec.checkpoint_identity() if spec.checkpoint else None):
                 raise ConfigError(

@@ -4,21 +4,18 @@ the step (`jest_jax.step`)."""
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 import numpy as np
 
-from jest_jax import build, faults, log, sharding
+from jest_jax import build, faults, files, log, sharding
 from jest_jax import config as config_lib
 from jest_jax import reference as reference_lib
 from jest_jax.checkpoint import Checkpointer, latest_step
 from jest_jax.data import sources
 from jest_jax.data.pipeline import Stream, train_dataset
 from jest_jax.embed import write_embeddings
-from jest_jax.files import write_atomically, write_json
-from jest_jax.metrics import DataWait, MetricWriter, read_metrics
+from jest_jax.metrics import DataWait, MetricWriter, StepProfile, read_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -26,17 +23,19 @@ class NonFiniteLossError(FloatingPointError):
     quantity and the last good checkpoint."""
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          stop_at_step: int | None = None) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None,
+          profile_steps: tuple[int, int] | None = None) -> dict[str, float]:
     """Train (or resume) `config` in `workdir`; returns the final evaluation metrics.
 
     `stop_at_step` checkpoints and returns early at that step (the schedule still
     spans `total_steps`), e.g. for time-sliced jobs; re-running resumes from there.
     A preemption notice (SIGTERM) checkpoints after the current step and returns.
+    `profile_steps=(A, B)` traces steps A to B into `workdir/profile` (`metrics.StepProfile`).
+    `workdir` may be a bucket path (`gs://...`). The log also goes to `workdir/log.txt`.
     """
     # Listening from the start: a notice during set-up or compilation is not lost.
-    with faults.Preemption() as preemption:
-        return _train(config, workdir, stop_at_step, preemption)
+    with faults.Preemption() as preemption, log.FileLog() as file_log:
+        return _train(config, workdir, stop_at_step, profile_steps, preemption, file_log)
 
 
 def _draw(run: build.Run) -> int:
@@ -75,7 +74,7 @@ class _Training:
         self.stream = Stream(super_batch=_draw(run), batch_size=self.spec.batch_size,
                              seed=self.spec.seed, pool_size=len(pool),
                              pool=self.spec.data.train.identity())
-        os.makedirs(workdir, exist_ok=True)
+        files.makedirs(workdir)
         # Run totals that must survive restarts; saved in each checkpoint.
         self.counters = {"skipped_steps": 0, "bad_records": 0}
         restored = checkpointer.restore_latest_good(run.state.abstract_sharded(),
@@ -92,7 +91,7 @@ class _Training:
         # Only once the checkpoints accepted this config: a config that cannot resume them
         # must not overwrite the one they were trained with (learners read it as a reference).
         if jax.process_index() == 0:
-            write_atomically(os.path.join(workdir, "config.json"),
+            files.write_atomically(files.join(workdir, "config.json"),
                              self.spec.config.to_json_best_effort(indent=2))
         self.writer = MetricWriter(workdir, self.spec.logging.tensorboard)
         self.writer.truncate_after(self.start)  # rows a crashed run logged after its checkpoint
@@ -104,8 +103,8 @@ class _Training:
         batch = sharding.to_global(self.data_wait.next(self.data), self.run.mesh)
         return batch, batch.pop("bad_records")
 
-    def run_loop(self, stop_at_step: int | None,
-                 preemption: faults.Preemption) -> dict[str, float]:
+    def run_loop(self, stop_at_step: int | None, preemption: faults.Preemption,
+                 profile: StepProfile) -> dict[str, float]:
         """Train from `start` to the end (or to `stop_at_step`, or a preemption); the
         results of the last evaluation."""
         total, step_fn = self.spec.total_steps, self.run.wired.step
@@ -123,7 +122,9 @@ class _Training:
         results: dict[str, float] = {}
         pending: tuple | None = None
         for step in range(self.start + 1, total + 1):
+            profile.before(step)
             self.state, metrics, health = step_fn(self.state, batch, reference)
+            profile.after(step, self.state)
             if pending is not None:  # fetched a step late: the device is already busy
                 self.report(*pending)
             pending = (step, metrics, health, bad, flops)
@@ -206,17 +207,23 @@ class _Training:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,
-           preemption: faults.Preemption) -> dict[str, float]:
+           profile_steps: tuple[int, int] | None, preemption: faults.Preemption,
+           file_log: log.FileLog) -> dict[str, float]:
     run = build.build(config)  # before the checkpointer: a bad reference must not create it
     faults.check_writable(workdir)  # before anything is trained, not at the first save
+    file_log.attach(files.join(workdir, "log.txt"))
     training = _Training(run, workdir, Checkpointer(workdir, run.spec.checkpoint.max_to_keep,
                                                     owner=True))
     try:
-        results = training.run_loop(stop_at_step, preemption)
+        profile = StepProfile(profile_steps, workdir, training.start)
+        try:
+            results = training.run_loop(stop_at_step, preemption, profile)
+        finally:
+            profile.stop()
     finally:
         training.close()
     if results and jax.process_index() == 0:
-        write_json(os.path.join(workdir, "final_metrics.json"),
+        files.write_json(files.join(workdir, "final_metrics.json"),
                    {"step": int(training.state["step"]), **results})
     return results
 
@@ -239,7 +246,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
         checkpointer.close()
     results = run.evaluator.run(params)
     if jax.process_index() == 0:
-        write_json(os.path.join(workdir, f"eval_step{step}.json"), {"step": step, **results})
+        files.write_json(files.join(workdir, f"eval_step{step}.json"), {"step": step, **results})
     return results
 
 
@@ -265,7 +272,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str | None, output: str) -
             params = checkpointer.restore_params(run.state.abstract_params(), step)
         finally:
             checkpointer.close()
-        described = f"step {step} of {os.path.realpath(workdir)}"
+        described = f"step {step} of {files.absolute(workdir, resolve_links=True)}"
     else:
         if not run.spec.model.init_from:
             where = f"{workdir} has no checkpoint" if workdir else "no --workdir was given"

@@ -123,3 +123,17 @@ def doc_criteria(tmp_path) -> str:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     (tmp_path / "my_criteria.py").write_text("\n".join(blocks))
     return str(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """`gs://jest-jax-test`: a bucket of a local GCS emulator (tests/gcs_emulator.py) that
+    runs for the session; this process and its subprocesses reach it through the standard
+    variables (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL)."""
+    from gcs_emulator import Emulator
+
+    emulator = Emulator().start()
+    try:
+        yield emulator.create_bucket("jest-jax-test")
+    finally:
+        emulator.stop()

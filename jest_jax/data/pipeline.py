@@ -10,7 +10,6 @@ into each process's iterator state, for any number of processes.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jest_jax import files
 from jest_jax.data import sources
 from jest_jax.data.records import BadRecordError, SkipBad, decode_image, problem, reason
 from jest_jax.data.tokenizer import BYTES, TEXT_STYLES, Tokenizer, make_tokenizer
@@ -70,7 +70,7 @@ class DataSpec:
         train = sources.from_config(section.section("train"))
         tokenizer = section.get("tokenizer")
         section.check(tokenizer == BYTES or (isinstance(tokenizer, str) and tokenizer and (
-            not check_files or os.path.isfile(tokenizer))), "tokenizer", tokenizer,
+            not check_files or files.is_file(tokenizer))), "tokenizer", tokenizer,
             f"must be {BYTES!r} or the path of a SentencePiece .model file")
         style = section.choice("text_style", TEXT_STYLES)
         section.check(style == "jest" or tokenizer != BYTES, "text_style", style,

@@ -11,10 +11,11 @@ as its c4-en configs do) or with the model's pad id ("siglip2", Gemma's pad 0).
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import numpy as np
+
+from jest_jax import files
 
 PAD_ID = 0
 BYTES = "bytes"  # the tokenizer spec of the byte tokenizer; anything else is a model path
@@ -48,11 +49,13 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str, style: str = "jest"):
         import sentencepiece  # imported lazily: only real runs need it
 
-        if not os.path.exists(model_path):
+        if not files.is_file(model_path):
             raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
         if style not in TEXT_STYLES:
             raise ValueError(f"text style must be one of {list(TEXT_STYLES)}, got {style!r}")
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        # Read through the file layer (a local path or gs://), handed over as bytes.
+        self._sp = sentencepiece.SentencePieceProcessor(
+            model_proto=files.read_bytes(model_path))
         self.style = style
         eos = self._sp.eos_id()
         if style == "jest":
