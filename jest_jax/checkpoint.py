@@ -72,7 +72,8 @@ def _committed(directory: str, name: str) -> bool:
 
 
 class Checkpointer:
-    """`workdir/checkpoints/<step>/{state,position,counters}`; all processes take part (orbax).
+    """`workdir/checkpoints/<step>/{state,checksums,position,counters}`; all processes take
+    part (orbax).
 
     `position` is the data position, a small JSON item written once (by process 0), not
     one per process, so any number of processes can resume it (`data.pipeline.Stream`);

@@ -2,7 +2,7 @@
 on a local disk or in a bucket (`gs://...`, through etils epath and gcsfs).
 
 Each file a run writes appears whole or not at all (docs/design.md §4, "Files and
-logs"; docs/reliability.md §3 says how for each): locally by writing a temporary file
+logs"; docs/reliability.md §3a says how for each): locally by writing a temporary file
 and renaming it over the target; in a bucket by one object upload, which GCS makes
 visible only once complete (object storage has no rename to lean on, and needs none).
 The appended files (`metrics.jsonl`, `log.txt`) are `TextLog`s: appended locally, and

@@ -82,7 +82,7 @@ class LoggingSpec:
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl` and
     mirrors scalars to TensorBoard event files in `workdir/tensorboard`. Only process 0
-    writes. The workdir may be a bucket (docs/reliability.md §3 says how each is kept whole).
+    writes. The workdir may be a bucket (docs/reliability.md §3a says how each is kept whole).
 
     `metrics.jsonl` is a `files.TextLog`: locally each row is one whole-line append (a run
     killed mid-append leaves a torn last line, which `read_metrics` never returns as a
