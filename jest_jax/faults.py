@@ -180,7 +180,8 @@ def check_writable(workdir: str) -> None:
     which fails when the bucket does not exist or this account may not write to it.
     """
     if files.is_url(workdir):
-        probe = files.join(workdir, f".write-test-{os.getpid()}")
+        # Named per process of the run: the workers of a pod may share pids.
+        probe = files.join(workdir, f".write-test-{jax.process_index()}-{os.getpid()}")
         try:
             files.write_atomically(probe, "")
             files.remove(probe)

@@ -147,7 +147,7 @@ def test_jest_learner_reads_its_reference_and_cache_from_gs(jest_config, referen
 def test_a_missing_bucket_fails_at_start_up_naming_the_path(tiny_config, gcs_bucket):
     with pytest.raises(faults.WorkdirError,
                        match=r"--workdir 'gs://no-such-bucket/run' is not writable: "
-                             r"'gs://no-such-bucket/run/\.write-test-\d+': the bucket does not "
+                             r"'gs://no-such-bucket/run/\.write-test-\d+-\d+': the bucket does not "
                              r"exist"):
         train.train(tiny_config, "gs://no-such-bucket/run")
     assert not files.exists(f"{gcs_bucket}/run-never")
