@@ -69,10 +69,6 @@ def write_embeddings(directory: str, embed: Embed, params: Any, pool: Pool,
     `directory`/{image,text}.npy, each of `scalars` as a 0-d `<name>.npy`, and `meta` (with
     `num_examples`, and `flops`: the pass's XLA FLOPs over all devices, which comparisons
     charge to the learners sharing a reference cache) as meta.json; returns the directory."""
-    if "://" in directory:  # os would make a local directory named "gs:" of it
-        raise ConfigError(f"--output {directory!r} is a URL: --mode embed writes .npy memory "
-                          "maps to a local directory; write them there and copy them up "
-                          "(gcloud storage cp -r), or use --mode cache, which writes a bucket")
     n = len(pool)
     jitted = jax.jit(embed, out_shardings=sharding.replicated(mesh))
     write = jax.process_index() == 0

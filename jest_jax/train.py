@@ -264,6 +264,11 @@ def embed(config: ml_collections.ConfigDict, workdir: str | None, output: str) -
     The model is the latest checkpoint in `workdir`, else `model.init_from` (a published
     checkpoint, used as it is); only the params are read.
     """
+    if files.is_url(output):  # before anything is built: it cannot be written
+        raise config_lib.ConfigError(
+            f"--output {output!r} is a URL: --mode embed writes .npy memory maps to a local "
+            "directory; write them there and copy them up (gcloud storage cp -r), or use "
+            "--mode cache, which writes a bucket")
     run = build.build(config, selection=False)
     step = latest_step(workdir) if workdir else None
     if step is not None:

@@ -318,6 +318,11 @@ def test_embed_mode_with_a_workdir_checkpoint(reference_workdir, data_dir, tmp_p
                                                 "and config.model.init_from is empty"):
         train.embed(config, str(tmp_path / "empty"), str(tmp_path / "none"))
     assert not os.path.exists(tmp_path / "empty") and not os.path.exists(tmp_path / "none")
+    # .npy memory maps cannot go to a bucket: refused before anything is built or written.
+    with pytest.raises(ConfigError, match=r"--output 'gs://b/emb' is a URL: --mode embed "
+                                          r"writes \.npy memory maps to a local directory"):
+        train.embed(config, reference_workdir, "gs://b/emb")
+    assert not os.path.exists("gs:")
     out = tmp_path / "emb"
     train.embed(config, reference_workdir, str(out))
     meta = json.load(open(out / "meta.json"))
