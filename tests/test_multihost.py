@@ -142,7 +142,11 @@ def test_checkpoints_resume_on_other_process_and_device_counts(data_dir, referen
             "order: it was written with batch_size=32 (this run has 16); a super-batch N=64 "
             "(this run has 32). Resume with the values")):
         train.train(config, two)
-    assert _files(two) == before
+    # Nothing changed but the run's own log, which records the refused start and why.
+    after = _files(two)
+    assert after.pop("log.txt") > before.pop("log.txt") and after == before
+    with open(os.path.join(two, "log.txt")) as f:
+        assert "cannot continue this run's data order" in f.read()
 
 
 def _pool_with_one_bad_record(root: str, bad: int) -> str:
