@@ -3,7 +3,8 @@
 
 `Emulator.start()` runs it, waits until it answers, and sets the standard variables every
 client reads (`STORAGE_EMULATOR_HOST` for gcsfs / etils epath / google-cloud-storage,
-`TENSORSTORE_GCS_HTTP_URL` for tensorstore and orbax) in `os.environ`, so the test process
+`TENSORSTORE_GCS_HTTP_URL` for tensorstore and orbax, `CLOUD_STORAGE_EMULATOR_ENDPOINT` for
+google-cloud-cpp, the GCS client built into ArrayRecord's reader) in `os.environ`, so the test process
 and every subprocess it starts talk to it. jest_jax itself has no switch for it.
 """
 
@@ -24,7 +25,7 @@ import urllib.request
 # gcsfs probes each bucket's type over gRPC, which an HTTP emulator never answers (a 60 s
 # stall per bucket without it).
 ENV_KEYS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 def _free_port() -> int:
@@ -71,7 +72,7 @@ class Emulator:
                     self.stop()
                     raise RuntimeError("fake-gcs-server did not start") from None
                 time.sleep(0.2)
-        for key, value in zip(ENV_KEYS, (self.url, self.url, "false"), strict=True):
+        for key, value in zip(ENV_KEYS, (self.url, self.url, self.url, "false"), strict=True):
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
         return self

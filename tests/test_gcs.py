@@ -185,3 +185,26 @@ def test_event_files_are_cut_back_to_a_step_and_lose_a_torn_record(tmp_path):
     assert [(e.step, [v.simple_value for v in e.summary.value]) for e in kept] == \
         [(0, []), (1, [9.0]), (2, [8.0]), (3, [7.0])]  # step 0: the file-version record
     assert events_up_to(data, 5) == data  # nothing past 5: the bytes unchanged
+
+
+@pytest.mark.slow
+def test_the_converter_reads_tars_from_and_writes_its_pool_to_a_bucket(gcs_bucket, tmp_path):
+    """docs/data.md's at-scale path: webdataset tars in a bucket, the ArrayRecord pool
+    written to a bucket, then read from there as training reads it."""
+    from test_convert import _cli, _webdataset
+
+    from jest_jax.data import load_split
+
+    shards = _webdataset(tmp_path / "shards")
+    files.copy_tree(str(tmp_path / "shards"), f"{gcs_bucket}/shards")
+    data = f"{gcs_bucket}/pools"
+    result = _cli(["--input", f"{gcs_bucket}/shards/{{000000..000002}}.tar", "--data_dir",
+                   data, "--name", "wds_pool", "--split", "raw", "--num_workers", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "converted 3 tar(s): 38 records stored, 3 skipped" in result.stdout
+    assert not files.exists(f"{data}/wds_pool/1.0.0.incomplete")
+    source, info = load_split("wds_pool", "raw", data)
+    assert info.splits["raw"].shard_lengths == [15, 15, 8]
+    assert [source[i]["uid"].decode() for i in range(len(source))] == shards["kept"]
+    for i in range(len(source)):
+        assert source[i]["image"] == shards["images"][source[i]["uid"].decode()]
