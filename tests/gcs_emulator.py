@@ -4,8 +4,8 @@
 `Emulator.start()` runs it, waits until it answers, and sets the standard variables every
 client reads (`STORAGE_EMULATOR_HOST` for gcsfs / etils epath / google-cloud-storage,
 `TENSORSTORE_GCS_HTTP_URL` for tensorstore and orbax, `CLOUD_STORAGE_EMULATOR_ENDPOINT` for
-google-cloud-cpp, the GCS client built into ArrayRecord's reader) in `os.environ`, so the test process
-and every subprocess it starts talk to it. jest_jax itself has no switch for it.
+google-cloud-cpp, the GCS client built into ArrayRecord's reader) in `os.environ`, so the
+test process and every subprocess it starts talk to it. jest_jax has no switch for it.
 """
 
 from __future__ import annotations
