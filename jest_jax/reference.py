@@ -139,11 +139,10 @@ class ReferenceSpec:
         """What names a published reference (its embedding cache records it): the file,
         its size and modification time (so a file replaced at the same path is another
         reference), the variant and the resizing."""
-        path = self.checkpoint if "://" in self.checkpoint else os.path.realpath(
-            self.checkpoint)
+        path = files.absolute(self.checkpoint, resolve_links=True)
         identity = {"path": path, "variant": self.variant, "resize_posemb": self.resize_posemb}
         try:
-            if "://" in path:
+            if files.is_url(path):
                 stat = epath.Path(path).stat()
                 identity.update(size=int(stat.length), mtime=float(stat.mtime))
             else:
