@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.data.text_len = 32
     c.model.patch_size = 4
+    # A text tower half the image tower's width, so that text is ~1/9 of a forward pass
+    # (B/16 at 256 px with 16 tokens: ~1/14), not 1/3 as with two "tiny" towers: Flexi-JEST
+    # shrinks only the image tower, so its saving depends on that share (docs/design.md §1).
+    c.model.text_variant = "nano"
     c.optimizer.learning_rate = 1e-3
     c.selection.method = arg.method
     c.selection.criterion = arg.criterion
@@ -58,5 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.every_steps = 10 if arg.runlocal else 200
     c.evals.zero_shot.data = jj.pool(dataset, "eval")
     c.evals.retrieval.data = jj.pool(dataset, "eval")
+    if arg.flexi:  # the optional Flexi metric: zero-shot at the low resolution too
+        c.evals.zero_shot_low_res = c.evals.zero_shot.copy_and_resolve_references()
+        c.evals.zero_shot_low_res.patch_size = c.model.low_res_patch_size
     c.checkpoint.every_steps = 200
     return c

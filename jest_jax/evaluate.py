@@ -14,6 +14,7 @@ it, with the same mesh as training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -41,9 +42,10 @@ class EvalContext(Protocol):
     def pool(self, data: sources.DataSource) -> sources.Pool:
         """The opened split (class names, templates, length)."""
 
-    def split(self, data: sources.DataSource) -> dict[str, np.ndarray]:
+    def split(self, data: sources.DataSource, patch_size: int = 0) -> dict[str, np.ndarray]:
         """The split embedded: unit `image` rows, unit `text` rows (only when the split has
-        captions), the record `index` and every scalar field."""
+        captions), the record `index` and every scalar field. With `patch_size` the images
+        go through the image tower at that patch size (0: the model's own)."""
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Unit text embeddings of arbitrary strings (prompts): f[len(texts), D], in device
@@ -177,6 +179,7 @@ class ZeroShot:
     label_keys: tuple[str, ...]
     class_names: prompts.TextList
     templates: prompts.TextList
+    patch_size: int = 0
 
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
@@ -187,6 +190,8 @@ class ZeroShot:
             #                          set (("imagenet",)), a file or the names (one label key)
             templates=(),            # (): the dataset's own, else generic; else a built-in
             #                          set (("clip_imagenet_80",)), a file or the templates
+            patch_size=0,            # 0: the model's; else images at this patch size (e.g.
+            #                          Flexi-JEST's low resolution); must divide image_size
         ))
 
     @classmethod
@@ -201,7 +206,8 @@ class ZeroShot:
         section.check(not class_names.given or len(keys) == 1, "label_keys", keys,
                       "must name one label feature when class_names is given")
         templates = prompts.TextList.parse(section, "templates", templates=True)
-        return cls(name, data, tuple(keys), class_names, templates)
+        patch = section.integer("patch_size", 0) if "patch_size" in section.node else 0
+        return cls(name, data, tuple(keys), class_names, templates, patch)
 
     def check(self, pool: sources.Pool) -> None:
         for label in self.label_keys:
@@ -233,7 +239,7 @@ class ZeroShot:
         return names, templates
 
     def __call__(self, context: EvalContext) -> dict[str, float]:
-        pool, split = context.pool(self.data), context.split(self.data)
+        pool, split = context.pool(self.data), context.split(self.data, self.patch_size)
         out = {}
         for label in self.label_keys:
             names, templates = self._texts(pool, label)
@@ -397,8 +403,10 @@ class EvalRunner:
         self.spec, self.mesh, self.preprocess = spec, mesh, preprocess
         batch = sharding.batch_sharding(mesh)
         out = sharding.replicated(mesh)
-        self._embed_images = jax.jit(model.embed_images, in_shardings=(params_sharding, batch),
-                                     out_shardings=out)
+        self._jit_args = dict(in_shardings=(params_sharding, batch), out_shardings=out)
+        self._model = model
+        self._embed_images = jax.jit(model.embed_images, **self._jit_args)
+        self._embed_images_at: dict[int, Callable] = {}  # other patch sizes, compiled on use
         self._embed_texts = jax.jit(model.embed_texts, in_shardings=(params_sharding, batch),
                                     out_shardings=out)
         self._pools: dict[str, sources.Pool] = {}
@@ -409,6 +417,11 @@ class EvalRunner:
                 if key not in self._pools:
                     self._pools[key] = sources.open_source(data, f"evals.{task.name}.{field}")
                 task.check(self._pools[key])
+            patch = getattr(task, "patch_size", 0)
+            if patch and model.spec.image_size % patch:
+                raise ConfigError(
+                    f"config.evals.{task.name}.patch_size={patch} is invalid: must be 0 (the "
+                    f"model's) or divide data.image_size={model.spec.image_size}")
         # A split without captions (ImageNet, CIFAR) is embedded as images only.
         self._preprocess = {key: preprocess if "caption" in pool.features
                             else preprocess.without_captions()
@@ -446,13 +459,24 @@ class EvalRunner:
             self._texts[key, path] = [_texts(pool[int(i)], path) for i in indices]
         return self._texts[key, path]
 
-    def embed_split(self, params: Any, key: str) -> dict[str, np.ndarray]:
+    def _images_at(self, patch_size: int) -> Callable:
+        """The jitted image embedder at `patch_size` (0: the model's own)."""
+        if not patch_size or patch_size == self._model.spec.patch_size:
+            return self._embed_images
+        if patch_size not in self._embed_images_at:
+            self._embed_images_at[patch_size] = jax.jit(
+                functools.partial(self._model.embed_images, patch_size=patch_size),
+                **self._jit_args)
+        return self._embed_images_at[patch_size]
+
+    def embed_split(self, params: Any, key: str, patch_size: int = 0) -> dict[str, np.ndarray]:
         batches = self.batches(key)
+        embed_images = self._images_at(patch_size)
         images, texts = [], []
         for local in batches:
             batch = sharding.to_global({k: local[k] for k in ("image", "tokens") if k in local},
                                        self.mesh)
-            images.append(self._embed_images(params, batch["image"]))
+            images.append(embed_images(params, batch["image"]))
             if "tokens" in batch:
                 texts.append(self._embed_texts(params, batch["tokens"]))
         extras = [{k: v for k, v in b.items() if k not in ("image", "tokens")} for b in batches]
@@ -495,16 +519,19 @@ class _Context:
 
     def __init__(self, runner: EvalRunner, params: Any, step: int | None):
         self._runner, self._params, self.step = runner, params, step
-        self._splits: dict[str, dict[str, np.ndarray]] = {}
+        self._splits: dict[tuple[str, int], dict[str, np.ndarray]] = {}
 
     def pool(self, data: sources.DataSource) -> sources.Pool:
         return self._runner._pools[_key(data)]
 
-    def split(self, data: sources.DataSource) -> dict[str, np.ndarray]:
+    def split(self, data: sources.DataSource, patch_size: int = 0) -> dict[str, np.ndarray]:
         key = _key(data)
-        if key not in self._splits:
-            self._splits[key] = self._runner.embed_split(self._params, key)
-        return self._splits[key]
+        if patch_size == self._runner._model.spec.patch_size:
+            patch_size = 0  # the model's own: the same embeddings
+        if (key, patch_size) not in self._splits:
+            self._splits[key, patch_size] = self._runner.embed_split(self._params, key,
+                                                                     patch_size)
+        return self._splits[key, patch_size]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._runner.embed_texts(self._params, texts)

@@ -38,7 +38,8 @@ def test_paper_configs_are_the_papers_and_validate(model, tmp_path):
     c = load_config("paper/jest.py", f"model={model},reference={tmp_path}")
     config_lib.validate(c, num_devices=256)
     assert (c.batch_size, c.data.image_size, c.data.text_len, c.model.patch_size) == (
-        32768, 256, 64, 16)
+        32768, 256, 16, 16)
+    assert load_config("paper/jest.py", f"model={model},text_len=64").data.text_len == 64
     assert (c.selection.filter_ratio, c.selection.num_chunks) == (0.8, 16)
     o = c.optimizer
     assert (o.learning_rate, o.warmup_fraction, o.b2, o.weight_decay, o.clip_norm) == (
@@ -68,8 +69,9 @@ def test_compiles_for_256_devices(config, model, selects):
     # plus its 1/256 of the uint8 images and int32 tokens (and cached reference rows).
     state = 3 * 4 * r["params_m"] * 1e6 / 16
     rows = r["candidates"] / 256
-    width = load_config("paper/siglip.py", f"model={model}").model.embed_dim
-    batch = rows * (256 * 256 * 3 + 64 * 4 + (2 * 4 * width if selects else 0))
+    paper = load_config("paper/siglip.py", f"model={model}")
+    width, text_len = paper.model.embed_dim, paper.data.text_len
+    batch = rows * (256 * 256 * 3 + text_len * 4 + (2 * 4 * width if selects else 0))
     assert r["train_step"]["arguments_gib"] * GiB == pytest.approx(state + batch, rel=0.02)
     assert r["train_step"]["outputs_gib"] * GiB == pytest.approx(state, rel=0.02)
     assert r["train_step"]["tflop_per_device"] > 0

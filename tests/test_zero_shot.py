@@ -19,6 +19,7 @@ from jest_jax.data import prompts
 from jest_jax.data.datasets import prepare_quietly
 from jest_jax.data.shapes import encode_png
 from jest_jax.data.writer import _ImageTextBuilder
+from jest_jax.evaluate import class_embeddings
 from jest_jax.fields import Section
 
 CLASSES = 10
@@ -170,3 +171,42 @@ def test_zero_shot_on_a_captionless_split_matches_numpy(tiny_config, captionless
     assert results == pytest.approx({"cifar/label": expected["top1"],
                                      "cifar/label_top5": expected["top5"],
                                      "cifar/label_mean_per_class": expected["mean_per_class"]})
+
+
+def test_zero_shot_at_another_patch_size_matches_numpy(tiny_config, captionless):
+    """A task's `patch_size` (Flexi-JEST's low-resolution zero-shot) embeds the images at
+    that patch size: its accuracy is NumPy's on images embedded independently at patch 8,
+    and differs from the full-resolution task's embeddings."""
+    config = _with_task(tiny_config, captionless, class_names="cifar10",
+                        templates=("clip_cifar_18",))
+    config.evals.cifar_low = config.evals.cifar.copy_and_resolve_references()
+    config.evals.cifar_low.patch_size = 8  # the model's is 4, its images 16 px
+    run = build.build(config, selection=False)
+    params = run.state.init(0)["params"]
+    results = run.evaluator.run(params)
+
+    full, low = run.spec.evals.tasks
+    context = run.evaluator.context(params)
+    split = context.split(low.data)
+    (key,) = run.evaluator._pools  # both tasks read the one split
+    images = np.concatenate([b["image"][b["mask"]] for b in run.evaluator.batches(key)])
+    emb = np.asarray(jax.jit(run.model.embed_images, static_argnums=2)(params, images, 8),
+                     np.float64)
+    full_emb = np.asarray(jax.jit(run.model.embed_images)(params, images), np.float64)
+    assert np.abs(emb - full_emb).max() > 1e-2  # another resolution, other embeddings
+    np.testing.assert_allclose(context.split(low.data, 8)["image"], emb, atol=1e-5)
+    np.testing.assert_allclose(split["image"], full_emb, atol=1e-5)
+    class_emb = class_embeddings(context.embed_texts, prompts.builtin("cifar10"),
+                                 prompts.builtin("clip_cifar_18")).astype(np.float64)
+    expected = _brute_force(emb, class_emb, split["label"])
+    assert {k: v for k, v in results.items() if k.startswith("cifar_low/")} == pytest.approx(
+        {"cifar_low/label": expected["top1"], "cifar_low/label_top5": expected["top5"],
+         "cifar_low/label_mean_per_class": expected["mean_per_class"]})
+
+
+def test_a_zero_shot_patch_size_that_does_not_divide_the_images_is_refused(tiny_config,
+                                                                         captionless):
+    config = _with_task(tiny_config, captionless, patch_size=5)
+    with pytest.raises(ConfigError, match=r"config.evals.cifar.patch_size=5 is invalid: must "
+                                          r"be 0 \(the model's\) or divide data.image_size=16"):
+        build.build(config, selection=False)

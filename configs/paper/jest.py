@@ -26,10 +26,10 @@ _SIGLIP = os.path.join(os.path.dirname(__file__), "siglip.py")  # loaded by path
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = jj.parse_arg(arg, model="B", data="image_text_pairs", data_dir=jj.DATA_DIR,
-                       tokenizer="", steps=100_000, fsdp=16, reference="", cache="",
+                       tokenizer="", text_len=16, steps=100_000, fsdp=16, reference="", cache="",
                        filter=0.8, score_patch=0, flexi=False)
     base = ",".join(f"{k}={arg[k]}" for k in ("model", "data", "data_dir", "tokenizer",
-                                              "steps", "fsdp"))
+                                              "text_len", "steps", "fsdp"))
     c = jj.load(f"{_SIGLIP}:{base}")
     c.selection.method = "joint"
     c.selection.criterion = "learnability"

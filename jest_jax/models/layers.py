@@ -10,8 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 # Widths / depths follow the ViT naming used by SigLIP ("So400m": the shape-optimised 400M
-# ViT of Alabdulmohsin et al., 2023, SigLIP's largest tower); "tiny" is a CPU toy size.
+# ViT of Alabdulmohsin et al., 2023, SigLIP's largest tower); "tiny" is a CPU toy size,
+# and "nano" a CPU text tower half its width (configs/shapes.py, docs/design.md §1).
 VARIANTS: dict[str, dict[str, int]] = {
+    "nano": dict(width=32, depth=2, num_heads=2, mlp_dim=128),
     "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),

@@ -49,7 +49,7 @@ class ModelSpec:
     @staticmethod
     def defaults() -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
-        c.image_variant = "tiny"     # tiny (CPU-sized), Ti, S, M, B, L, So400m
+        c.image_variant = "tiny"     # nano, tiny (CPU-sized), Ti, S, M, B, L, So400m
         c.text_variant = "tiny"
         c.patch_size = 4             # must divide data.image_size
         c.image_pool = "gap"         # gap (token mean) | map (attention pooling, as SigLIP;
