@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_methods import (  # noqa: E402
+    ATTRIBUTES,
     SHAPES,
     curves,
     plot_accuracy,
@@ -62,6 +63,15 @@ def learner_config(name: str, base: str, seed: int, eval_every: int):
 def run_dir(workdir: str, name: str, seed: int) -> str:
     return os.path.join(workdir, f"{name.split(' ')[0]}"
                                  f"{'_scoring' if 'scoring' in name else ''}_seed{seed}")
+
+
+def low_res_final(workdir: str) -> float:
+    """The final mean zero-shot accuracy at the low resolution (`evals.zero_shot_low_res`,
+    which `flexi=True` adds), or NaN for a run without it."""
+    rows = [r for r in read_metrics(workdir) if "zero_shot_low_res/shape" in r]
+    if not rows:
+        return float("nan")
+    return float(np.mean([rows[-1][f"zero_shot_low_res/{a}"] for a in ATTRIBUTES]))
 
 
 def last_flops(workdir: str) -> dict[str, float]:
@@ -122,6 +132,7 @@ def main() -> None:
                 train.train(config, workdir)
             c = curves(workdir)
             c["split"] = last_flops(workdir)
+            c["low_res_final"] = low_res_final(workdir)
             results.setdefault(name, []).append(c)
     sharing = sum(len(results[n]) for n in LEARNERS if n != "uniform")
     os.makedirs(args.out, exist_ok=True)
@@ -198,6 +209,12 @@ def report(results, overhead, sharing, args, seeds, seconds) -> str:
     lines.append("")
     lines.append("A ratio > 1 means fewer FLOPs than uniform; 0 (steps inf) means the target "
                  "was not reached within the run.")
+    flexi = results.get("Flexi-JEST", [])
+    if flexi and not np.isnan(flexi[0]["low_res_final"]):
+        pairs = ", ".join(f"{c['low_res_final']:.3f} at patch 8 vs {c['mean'][-1]:.3f} at "
+                          f"patch 4 (seed {s})" for s, c in zip(seeds, flexi, strict=True))
+        lines.append(f"\nFlexi-JEST evaluated with its image tower at the low resolution "
+                     f"(`evals.zero_shot_low_res`), final mean zero-shot: {pairs}.")
     return "\n".join(lines) + "\n"
 
 
