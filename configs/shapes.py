@@ -16,7 +16,9 @@
 "module:function", `filter` the filtering ratio f. `flexi=True` makes it Flexi-JEST
 (paper §3.3): the learner scores the super-batch at twice the patch size and trains
 half of each batch (λ = 0.5) at twice the patch size, the rest at full resolution; a
-plain uniform learner then trains at both resolutions too. `steps=N` changes the length;
+plain uniform learner then trains at both resolutions too; it also evaluates zero-shot at
+the low resolution (`evals.zero_shot_low_res`). The text tower is the half-width `nano`
+(below). `steps=N` changes the length;
 `runlocal=True` switches to the tiny dataset and 30 steps, a check that the path runs.
 """
 

@@ -10,8 +10,8 @@ FLOPs (reference training and its cache pass included, amortised).
    SigLIP), JEST (joint learnability, cached reference), Flexi-JEST with low-resolution
    scoring only (the learner scores at twice the patch size), and Flexi-JEST
    (`configs/shapes.py` flexi=True: scoring, and half of each batch, at twice the patch);
-3. writes `<out>/compare_flexi.md` (steps-to-target and FLOPs-to-target per seed) and
-   `<out>/compare_flexi_{steps,flops}.png`.
+3. writes `<out>/compare_flexi.md` (steps-to-target and FLOPs-to-target per seed, and
+   Flexi-JEST's zero-shot at the low resolution) and `<out>/compare_flexi_{steps,flops}.png`.
 
 Total FLOPs of a selection learner = its own logged `flops` (XLA, scoring included) +
 (the reference's training FLOPs + the cache pass's) / K, where K is the number of
@@ -215,6 +215,8 @@ def report(results, overhead, sharing, args, seeds, seconds) -> str:
                           f"patch 4 (seed {s})" for s, c in zip(seeds, flexi, strict=True))
         lines.append(f"\nFlexi-JEST evaluated with its image tower at the low resolution "
                      f"(`evals.zero_shot_low_res`), final mean zero-shot: {pairs}.")
+    lines += ["", "![accuracy vs steps](compare_flexi_steps.png)",
+              "![accuracy vs total FLOPs](compare_flexi_flops.png)"]
     return "\n".join(lines) + "\n"
 
 

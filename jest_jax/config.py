@@ -148,6 +148,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         top.section("selection").section("reference"), selection.needs_reference,
         config.selection.criterion, check_files)
     evals = EvalSpec.from_config(top.section("evals"))
+    _check_eval_patches(top, evals, data.image_size)
     mesh = MeshSpec.from_config(top.section("mesh"))
     if num_devices is not None:
         _fit_devices(top, mesh, num_devices, selection, evals, model)
@@ -165,6 +166,14 @@ def _check_low_res_part(top: Section, model: ModelSpec, batch: int) -> None:
     part = model.low_res_fraction * batch
     top.check(abs(part - round(part)) < 1e-6, "model.low_res_fraction", model.low_res_fraction,
               f"low_res_fraction × batch_size = {part:g} must be a whole number of examples")
+
+
+def _check_eval_patches(top: Section, evals: EvalSpec, image_size: int) -> None:
+    """A task evaluating at another patch size (FlexiViT) needs one that tiles the images."""
+    for task in evals.tasks:
+        patch = getattr(task, "patch_size", 0)
+        top.check(patch == 0 or image_size % patch == 0, f"evals.{task.name}.patch_size",
+                  patch, f"must be 0 (the model's) or divide data.image_size={image_size}")
 
 
 def _fit_devices(top: Section, mesh: MeshSpec, num_devices: int, selection: SelectionSpec,

@@ -7,8 +7,8 @@ task's other fields (docs/design.md §4, "Evaluator"). A task maps an `EvalConte
 embedded eval split, class names, a text embedder) to `{"<task>/<metric>": value}`; the
 metrics themselves are NumPy functions in `jest_jax.eval_metrics`.
 Eval splits are small: their preprocessed examples are cached on the host after the
-first pass, each split is embedded once per evaluation whatever the number of tasks on
-it, with the same mesh as training.
+first pass, each split is embedded once per evaluation and patch size whatever the number
+of tasks on it, with the same mesh as training.
 """
 
 from __future__ import annotations
@@ -239,7 +239,10 @@ class ZeroShot:
         return names, templates
 
     def __call__(self, context: EvalContext) -> dict[str, float]:
-        pool, split = context.pool(self.data), context.split(self.data, self.patch_size)
+        pool = context.pool(self.data)
+        # patch_size is passed only when set: a custom EvalContext may predate the argument.
+        split = (context.split(self.data, self.patch_size) if self.patch_size
+                 else context.split(self.data))
         out = {}
         for label in self.label_keys:
             names, templates = self._texts(pool, label)
@@ -417,11 +420,6 @@ class EvalRunner:
                 if key not in self._pools:
                     self._pools[key] = sources.open_source(data, f"evals.{task.name}.{field}")
                 task.check(self._pools[key])
-            patch = getattr(task, "patch_size", 0)
-            if patch and model.spec.image_size % patch:
-                raise ConfigError(
-                    f"config.evals.{task.name}.patch_size={patch} is invalid: must be 0 (the "
-                    f"model's) or divide data.image_size={model.spec.image_size}")
         # A split without captions (ImageNet, CIFAR) is embedded as images only.
         self._preprocess = {key: preprocess if "caption" in pool.features
                             else preprocess.without_captions()
@@ -434,7 +432,8 @@ class EvalRunner:
         return _Context(self, params, step)
 
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
-        """`{"<task>/<metric>": value}` for every task; each eval split is embedded once."""
+        """`{"<task>/<metric>": value}` for every task; each eval split is embedded once
+        (per patch size)."""
         context = self.context(params, step)
         results: dict[str, float] = {}
         for task in self.spec.tasks:
