@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import IO, Any
 
 from etils import epath
 
@@ -87,6 +87,20 @@ def makedirs(path: str) -> None:
     a directory exists once an object is under it)."""
     if not is_url(path):
         os.makedirs(path, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "rb") -> IO:
+    """`path` opened for reading (a bucket object is read in ranges as it is consumed)."""
+    return _path(path).open(mode)
+
+
+def stat(path: str) -> tuple[int, float]:
+    """(size in bytes, modification time in seconds) of the file or object at `path`."""
+    if is_url(path):
+        info = _path(path).stat()
+        return int(info.length), float(info.mtime)
+    info = os.stat(path)
+    return info.st_size, info.st_mtime
 
 
 def read_text(path: str) -> str:

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
 from jest_jax import cache_store, files, log, sharding
 from jest_jax.checkpoint import Checkpointer, CheckpointError, brief, latest_step
@@ -143,9 +142,9 @@ class ReferenceSpec:
         identity = {"path": path, "variant": self.variant, "resize_posemb": self.resize_posemb}
         try:
             if files.is_url(path):
-                stat = epath.Path(path).stat()
-                identity.update(size=int(stat.length), mtime=float(stat.mtime))
-            else:
+                size, mtime = files.stat(path)
+                identity.update(size=size, mtime=mtime)
+            else:  # nanoseconds: a file replaced within the same second is another one
                 stat = os.stat(path)
                 identity.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         except Exception as e:  # noqa: BLE001 - remote file systems raise many types

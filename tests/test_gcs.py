@@ -7,6 +7,7 @@ Also the logs a preemption must not lose (`log.txt`, TensorBoard with no step tw
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 
@@ -165,6 +166,31 @@ def test_a_sentencepiece_model_in_a_bucket(tmp_path, gcs_bucket):
     assert there.vocab_size == here.vocab_size
     for text in ("a red circle", "two squares"):
         np.testing.assert_array_equal(there.encode(text, 8), here.encode(text, 8))
+
+
+def test_a_published_checkpoint_in_a_bucket(tmp_path, gcs_bucket):
+    """A big_vision .npz read from gs:// gives the params a local copy gives, and the
+    reference identity (which names its embedding cache) records the object's size."""
+    from bigvision_files import save_npz, siglip_tree
+
+    from jest_jax.models import big_vision
+    from jest_jax.reference import ReferenceSpec, pretrained_model
+
+    local = save_npz(tmp_path / "ckpt.npz", siglip_tree(0))
+    with open(local, "rb") as f:
+        files.write_atomically(f"{gcs_bucket}/ckpt/siglip.npz", f.read())
+    model = pretrained_model("tiny/4", 16, 8, 40)
+    fields = big_vision.Fields("model.init_from", "model.init_resize_posemb", "the test model")
+    params = {}
+    for path in (local, f"{gcs_bucket}/ckpt/siglip.npz"):
+        with big_vision.NpzCheckpoint(path, "model.init_from") as file:
+            params[path] = file.params(model, fields, False)
+    for a, b in zip(*(jax.tree.leaves(p) for p in params.values()), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    spec = ReferenceSpec(workdir="", cache_dir="", checkpoint=f"{gcs_bucket}/ckpt/siglip.npz",
+                         variant="tiny/4", resize_posemb=False, needed=True)
+    identity = spec.checkpoint_identity()
+    assert identity["size"] == os.path.getsize(local) and identity["mtime"] > 0
 
 
 def test_event_files_are_cut_back_to_a_step_and_lose_a_torn_record(tmp_path):

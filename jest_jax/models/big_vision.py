@@ -26,9 +26,8 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from etils import epath
 
-from jest_jax import log
+from jest_jax import files, log
 from jest_jax.fields import ConfigError
 from jest_jax.models.layers import VARIANTS
 from jest_jax.models.layers import variant as resolve_variant
@@ -81,13 +80,13 @@ class _Entry:
 
 
 class NpzCheckpoint:
-    """A big_vision `.npz` (local or any etils.epath URL, gs:// included): its keys and
+    """A big_vision `.npz` (a local path or a gs:// URL, read through `files`): its keys and
     shapes read from the array headers; ConfigError naming `field` if it is not one."""
 
     def __init__(self, path: str, field: str):
         self.path, self.field = path, field
         try:
-            self._file = epath.Path(path).open("rb")
+            self._file = files.open_file(path)
         except FileNotFoundError:
             raise ConfigError(f"config.{field}={path!r}: no such file") from None
         except IsADirectoryError:
