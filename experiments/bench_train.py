@@ -16,7 +16,6 @@ device it names.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accounting import a4_prediction  # noqa: E402
+from accounting import a4_prediction, set_fields  # noqa: E402
 
 from jest_jax import build, sharding  # noqa: E402
 from jest_jax import config as config_lib  # noqa: E402
@@ -36,9 +35,10 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VOCAB = 258  # the byte tokenizer's
 
 
-def bench(config, steps: int, vocab: int = VOCAB) -> dict[str, float]:
+def bench(config, steps: int, vocab: int = VOCAB, a4: bool = False) -> dict[str, float]:
     """Median step time and XLA FLOPs (whole, update, scoring) of `config`'s train step,
-    on synthetic (super-)batches; selection reads a synthetic reference cache."""
+    on synthetic (super-)batches; selection reads a synthetic reference cache. With `a4`,
+    also the §A.4 prediction (which compiles forward passes of its own)."""
     spec = config_lib.validate(config, num_devices=jax.device_count(), check_files=False)
     mesh = spec.mesh.build()
     scalars = {"log_temperature": jnp.log(10.0), "bias": jnp.asarray(-10.0)}
@@ -67,7 +67,7 @@ def bench(config, steps: int, vocab: int = VOCAB) -> dict[str, float]:
     return {"batch": spec.batch_size, "candidates": rows, "ms_per_step": 1e3 * seconds,
             **{k: v / mesh.size for k, v in flops.items()},  # per device, as XLA reports
             "gflops_per_sec": flops["flops"] / mesh.size / seconds / 1e9,
-            "a4": a4_prediction(spec, vocab)}
+            **({"a4": a4_prediction(spec, vocab)} if a4 else {})}
 
 
 def sizes(steps: int) -> None:
@@ -102,7 +102,7 @@ def methods(steps: int) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = None
     for name in METHODS:
-        r = bench(methods_config(name), steps)
+        r = bench(methods_config(name), steps, a4=True)
         base = base or r
         a4 = r["a4"]
         print(f"| {name} | {r['candidates']} → {r['batch']} | {r['ms_per_step']:.1f} | "
@@ -121,11 +121,7 @@ def configs(paths: list[str], overrides: list[str], steps: int, vocab: int,
     base = None
     for path in paths:
         config = config_lib.load(path)
-        for item in overrides:  # FIELD=VALUE, VALUE a Python literal
-            field, _, value = item.partition("=")
-            parent, _, last = field.rpartition(".")
-            node = config_lib.get_field(config, parent) if parent else config
-            node[last] = ast.literal_eval(value)
+        set_fields(config, overrides)
         r = bench(config, steps, vocab)
         base = base or r
         tflops = r["flops"] / 1e12 / (r["ms_per_step"] / 1e3)

@@ -18,7 +18,6 @@ relative to a SigLIP step (`a4`), for the measured ratio to stand beside.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from jest_jax.metrics import compiled_flops
 from jest_jax.models import Model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accounting import a4_prediction  # noqa: E402
+from accounting import a4_prediction, set_fields  # noqa: E402
 
 GiB = 2**30
 
@@ -106,11 +105,7 @@ def main() -> None:
                              "(VALUE is a Python literal)")
     args = parser.parse_args()
     config = config_lib.load(args.config)
-    for item in args.set:
-        field, _, value = item.partition("=")
-        parent, _, last = field.rpartition(".")
-        node = config_lib.get_field(config, parent) if parent else config
-        node[last] = ast.literal_eval(value)
+    set_fields(config, args.set)
     # The paper's setting is the cache (§A.5); the compile reads none of its files.
     config.selection.reference.cache_dir = "" if args.online_reference else (
         config.selection.reference.cache_dir or "(compiled without files)")

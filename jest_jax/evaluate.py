@@ -408,10 +408,10 @@ class EvalRunner:
         out = sharding.replicated(mesh)
         self._jit_args = dict(in_shardings=(params_sharding, batch), out_shardings=out)
         self._model = model
-        self._embed_images = jax.jit(model.embed_images, **self._jit_args)
-        self._embed_images_at: dict[int, Callable] = {}  # other patch sizes, compiled on use
-        self._embed_texts = jax.jit(model.embed_texts, in_shardings=(params_sharding, batch),
-                                    out_shardings=out)
+        # Image embedders by patch size (0: the model's own); others compiled on first use.
+        self._embed_images: dict[int, Callable] = {
+            0: jax.jit(model.embed_images, **self._jit_args)}
+        self._embed_texts = jax.jit(model.embed_texts, **self._jit_args)
         self._pools: dict[str, sources.Pool] = {}
         for task in spec.tasks:
             # Every split a task reads: `data`, and any `extra_data` (a probe's train split).
@@ -458,19 +458,15 @@ class EvalRunner:
             self._texts[key, path] = [_texts(pool[int(i)], path) for i in indices]
         return self._texts[key, path]
 
-    def _images_at(self, patch_size: int) -> Callable:
-        """The jitted image embedder at `patch_size` (0: the model's own)."""
-        if not patch_size or patch_size == self._model.spec.patch_size:
-            return self._embed_images
-        if patch_size not in self._embed_images_at:
-            self._embed_images_at[patch_size] = jax.jit(
+    def embed_split(self, params: Any, key: str, patch_size: int = 0) -> dict[str, np.ndarray]:
+        """Split `key` embedded; `patch_size` 0 is the model's own (`_Context.split` maps
+        the model's patch size to 0, so each resolution is embedded and cached once)."""
+        batches = self.batches(key)
+        if patch_size not in self._embed_images:
+            self._embed_images[patch_size] = jax.jit(
                 functools.partial(self._model.embed_images, patch_size=patch_size),
                 **self._jit_args)
-        return self._embed_images_at[patch_size]
-
-    def embed_split(self, params: Any, key: str, patch_size: int = 0) -> dict[str, np.ndarray]:
-        batches = self.batches(key)
-        embed_images = self._images_at(patch_size)
+        embed_images = self._embed_images[patch_size]
         images, texts = [], []
         for local in batches:
             batch = sharding.to_global({k: local[k] for k in ("image", "tokens") if k in local},

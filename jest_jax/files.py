@@ -96,11 +96,8 @@ def open_file(path: str, mode: str = "rb") -> IO:
 
 def stat(path: str) -> tuple[int, float]:
     """(size in bytes, modification time in seconds) of the file or object at `path`."""
-    if is_url(path):
-        info = _path(path).stat()
-        return int(info.length), float(info.mtime)
-    info = os.stat(path)
-    return info.st_size, info.st_mtime
+    info = _path(path).stat()
+    return int(info.length), float(info.mtime)
 
 
 def read_text(path: str) -> str:

@@ -4,7 +4,6 @@ embeddings, start-up errors, 1 vs 8 devices, and kill -9 + resume of a Flexi run
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -19,7 +18,6 @@ from conftest import ROOT, load_config
 from jest_jax import build, sharding
 from jest_jax import config as config_lib
 from jest_jax import step as step_lib
-from jest_jax.models import Model
 from jest_jax.reference import NoReference
 
 B, LOW = 32, 16  # smoke-sized batch; λ = 0.5 of it at patch 8 (16 px images, patch 4)
@@ -220,17 +218,6 @@ def test_one_and_eight_devices_agree(tmp_path):
 # (test_flexi_jest_run_killed_twice_resumes_bitwise).
 
 
-def _forward_flops(spec, patch_size: int | None) -> float:
-    from jest_jax.metrics import compiled_flops
-
-    model = Model(spec.model, vocab_size=258)
-    size, length = spec.data.image_size, spec.data.text_len
-    batch = {"image": jax.ShapeDtypeStruct((8, size, size, 3), jnp.uint8),
-             "tokens": jax.ShapeDtypeStruct((8, length), jnp.int32)}
-    fn = jax.jit(functools.partial(model.embeddings, patch_size=patch_size))
-    return compiled_flops(fn.lower(model.abstract_params(), batch).compile())
-
-
 def test_flexi_configs_and_the_a4_formula():
     from jest_jax.metrics import a4_step_ratio
 
@@ -243,10 +230,15 @@ def test_flexi_configs_and_the_a4_formula():
     assert low_res_zero_shot.patch_size == 8
     # The demo's proportions keep Flexi-JEST within 1.25 uniform steps (issue target; the
     # paper: ~1.1): r, XLA's FLOPs of the patch-8 two-tower forward pass over the patch-4
-    # one, in the §A.4 formula (docs/benchmarks.md has the whole compiled steps).
-    r = _forward_flops(shapes, 8) / _forward_flops(shapes, None)
-    assert 0.3 < r < 0.346
-    assert a4_step_ratio(5.0, r, 0.5, r) <= 1.25
+    # one, in the §A.4 formula, as the benchmarks measure it (docs/benchmarks.md has the
+    # whole compiled steps).
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from accounting import a4_prediction
+
+    a4 = a4_prediction(shapes, vocab_size=258)
+    r = a4["r_score"]
+    assert 0.3 < r < 0.346 and a4["r_train"] == r
+    assert a4["ratio"] == pytest.approx(a4_step_ratio(5.0, r, 0.5, r)) and a4["ratio"] <= 1.25
     paper = config_lib.validate(load_config("paper/jest.py", "model=B,flexi=True"),
                                 num_devices=256, check_files=False)
     assert (paper.selection.score_patch_size, paper.model.patch_size,
