@@ -63,6 +63,21 @@ def latest_step(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
+def read_params(workdir: str, abstract_params: Any, step: int | None = None
+                ) -> tuple[Any, int]:
+    """(params, step): only the params of the run in `workdir` at `step` (its latest
+    checkpoint if None), shaped and placed like `abstract_params`, read-only (nothing
+    there is moved or removed); FileNotFoundError when it has no checkpoint."""
+    checkpointer = Checkpointer(workdir)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        return checkpointer.restore_params(abstract_params, step), step
+    finally:
+        checkpointer.close()
+
+
 def _committed(directory: str, name: str) -> bool:
     """Whether the step directory `name` is a finished save. Locally orbax writes into
     `<step>.orbax-checkpoint-tmp-*` and renames, so a `<step>` is finished; a bucket has

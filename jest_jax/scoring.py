@@ -168,6 +168,24 @@ class Scorer:
         return selection.BlockScores(learner, reference, spec.criterion, context,
                                      block_size=spec.num_select)
 
+    def score(self, params: Any, reference_input: Any, batch: dict[str, jax.Array],
+              step: jax.Array | int = 0) -> tuple[selection.Scores, Embeddings,
+                                                  Embeddings | None, criteria.Context]:
+        """The super-batch `batch` scored as the step scores it: (S, dense or matrix-free
+        as configured; the learner's and reference's embeddings; the criterion's context)."""
+        spec = self.spec
+        norms = spec.criterion.wants_context  # only a criterion with context reads them
+        learner = self.embed_learner(params, batch, norms=norms)
+        ref = (self.reference.embed(reference_input, batch, norms=norms)
+               if spec.needs_reference else None)
+        embedded = [learner.image, learner.text] + ([ref.image, ref.text] if ref else [])
+        chex.assert_rank(embedded, 2)
+        chex.assert_type(embedded, float)
+        chex.assert_axis_dimension(learner.image, 0, spec.num_candidates)
+        chex.assert_equal_shape_prefix(embedded, 1)
+        context = self.context(batch, step, learner, ref)
+        return self.scores(learner, ref, context), learner, ref, context
+
     def __call__(self, key: jax.Array, params: Any, reference_input: Any,
                  batch: dict[str, jax.Array], step: jax.Array | int = 0
                  ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
@@ -179,17 +197,8 @@ class Scorer:
         if not spec.method.uses_scores:
             idx, _ = spec.method(select_key, None)
         else:
-            norms = spec.criterion.wants_context  # only a criterion with context reads them
-            learner = self.embed_learner(params, batch, norms=norms)
-            ref = (self.reference.embed(reference_input, batch, norms=norms)
-                   if spec.needs_reference else None)
-            embedded = [learner.image, learner.text] + ([ref.image, ref.text] if ref else [])
-            chex.assert_rank(embedded, 2)
-            chex.assert_type(embedded, float)
-            chex.assert_axis_dimension(learner.image, 0, spec.num_candidates)
-            chex.assert_equal_shape_prefix(embedded, 1)
-            context = self.context(batch, step, learner, ref)
-            idx, used = spec.method(select_key, self.scores(learner, ref, context))
+            scores, learner, ref, context = self.score(params, reference_input, batch, step)
+            idx, used = spec.method(select_key, scores)
             if used is not None:
                 ok = selection.scores_ok(used)
             metrics.update(self._diagnostics(random_key, idx, learner, ref, context))

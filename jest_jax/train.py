@@ -11,7 +11,7 @@ import numpy as np
 from jest_jax import build, faults, files, log, sharding
 from jest_jax import config as config_lib
 from jest_jax import reference as reference_lib
-from jest_jax.checkpoint import Checkpointer, latest_step
+from jest_jax.checkpoint import Checkpointer, latest_step, read_params
 from jest_jax.data import sources
 from jest_jax.data.pipeline import Stream, train_dataset
 from jest_jax.embed import write_embeddings
@@ -236,14 +236,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     """
     run = build.build(config, selection=False)
     faults.check_writable(workdir)  # the results are written there
-    checkpointer = Checkpointer(workdir)  # read-only: eval never moves or removes anything
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint to evaluate in {checkpointer.directory}")
-        params = checkpointer.restore_params(run.state.abstract_params(), step)
-    finally:
-        checkpointer.close()
+    params, step = read_params(workdir, run.state.abstract_params(), step)  # read-only
     results = run.evaluator.run(params)
     if jax.process_index() == 0:
         files.write_json(files.join(workdir, f"eval_step{step}.json"), {"step": step, **results})
@@ -272,11 +265,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str | None, output: str) -
     run = build.build(config, selection=False)
     step = latest_step(workdir) if workdir else None
     if step is not None:
-        checkpointer = Checkpointer(workdir)  # read-only: nothing is moved or removed
-        try:
-            params = checkpointer.restore_params(run.state.abstract_params(), step)
-        finally:
-            checkpointer.close()
+        params, _ = read_params(workdir, run.state.abstract_params(), step)  # read-only
         described = f"step {step} of {files.absolute(workdir, resolve_links=True)}"
     else:
         if not run.spec.model.init_from:
