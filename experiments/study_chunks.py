@@ -203,7 +203,6 @@ def study_config(learner: str, reference: str, super_batch: int, filter_ratio: f
     config.selection.filter_ratio = filter_ratio
     config.selection.num_chunks = num_select
     config.selection.implementation = "dense"
-    config.selection.score_patch_size = 0
     config.selection.reference.workdir = reference
     config.selection.reference.cache_dir = ""  # the reference runs on each super-batch
     config.selection.reference.checkpoint = ""
@@ -378,7 +377,14 @@ def summarise(results: list[dict[str, Any]], gains: list[float]) -> dict[str, An
                     "raw_mean": float(raw.mean())}
     gaps = np.array([(r["best_found"] - r["random"]["expected"]) / r["random"]["std"]
                      for r in results])
-    return {"table": table,
+    # What chunks add, paired per super-batch: n = 16 (or the most that divide b) minus n = 1.
+    chunk_gain = {}
+    for gain in gains:
+        joint = [m for m in table if m.startswith("joint_g") and parse_joint(m)[0] == gain]
+        many = next((m for m in joint if parse_joint(m)[1] == 16), joint[-1])
+        mean, half = t_interval(np.array([x[many] - x[joint[0]] for x in norms]))
+        chunk_gain[f"{gain:g}"] = {"chunks": parse_joint(many)[1], "mean": mean, "ci95": half}
+    return {"table": table, "chunk_gain": chunk_gain,
             "random_expected_raw": float(np.mean([r["random"]["expected"] for r in results])),
             "best_over_random_std": float(gaps.mean()),
             "sa_chains_at_best": [r["sa"]["chains_at_best"] for r in results],
@@ -387,42 +393,63 @@ def summarise(results: list[dict[str, Any]], gains: list[float]) -> dict[str, An
 
 
 def plot(studies: list[dict[str, Any]], path: str) -> None:
+    """Normalised learnability against chunks, one column per learner; the lower row
+    zooms on the top of the range, where the sharp samplers and the best batch are."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4.4), squeeze=False)
-    for ax, study in zip(axes[0], studies, strict=True):
+    fig, axes = plt.subplots(2, len(studies), figsize=(5.5 * len(studies), 7.6),
+                             squeeze=False, height_ratios=(1.2, 1))
+    for column, study in enumerate(studies):
         table = study["summary"]["table"]
-        for gi, gain in enumerate(study["gains"]):
-            joint = [m for m in table if m.startswith("joint_g") and parse_joint(m)[0] == gain]
-            xs = [parse_joint(m)[1] for m in joint]
-            what = " (configured)" if gi == 0 else (" (≈ greedy)" if gain >= 1e3 else "")
-            ax.errorbar(xs, [table[m]["normalised_mean"] for m in joint],
-                        yerr=[table[m]["normalised_ci95"] for m in joint], marker="os^"[gi % 3],
-                        capsize=3, color=f"C{gi}", ls="-" if gi == 0 else ":",
-                        label=f"joint sampling, g = {gain:g}{what}")
-        for m, color, style in (("sa", "k", "-"), ("independent_topk", "C3", "--"),
-                                ("independent_sample", "C5", "--"),
-                                ("random_best", "C4", "-.")):
-            mean, half = table[m]["normalised_mean"], table[m]["normalised_ci95"]
-            ax.axhline(mean, color=color, ls=style, lw=1.2, label=label(m))
-            if m != "sa" and np.isfinite(half):
-                ax.axhspan(mean - half, mean + half, color=color, alpha=0.08)
-        ax.axhline(0.0, color="grey", lw=0.8, label="mean random batch")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("chunks n")
-        ax.set_ylabel("normalised batch learnability")
-        ax.set_title(f"{study['name']} (step {study['learner_step']}): N = "
-                     f"{study['super']}, b = {study['num_select']}", fontsize=9)
-        ax.grid(alpha=0.3)
+        top = []
+        for ax in axes[:, column]:
+            for gi, gain in enumerate(study["gains"]):
+                joint = [m for m in table
+                         if m.startswith("joint_g") and parse_joint(m)[0] == gain]
+                xs = [parse_joint(m)[1] for m in joint]
+                means = [table[m]["normalised_mean"] for m in joint]
+                top += means[1:] if gi else []
+                what = " (configured)" if gi == 0 else (" (≈ greedy)" if gain >= 1e3 else "")
+                ax.errorbar(xs, means, yerr=[table[m]["normalised_ci95"] for m in joint],
+                            marker="os^"[gi % 3], capsize=3, color=f"C{gi}",
+                            ls="-" if gi == 0 else ":", label=f"joint sampling, g = {gain:g}{what}")
+            for m, color, style in (("sa", "k", "-"), ("independent_topk", "C3", "--"),
+                                    ("independent_sample", "C5", "--"),
+                                    ("random_best", "C4", "-.")):
+                mean, half = table[m]["normalised_mean"], table[m]["normalised_ci95"]
+                ax.axhline(mean, color=color, ls=style, lw=1.2, label=label(m))
+                if m != "sa" and np.isfinite(half):
+                    ax.axhspan(mean - half, mean + half, color=color, alpha=0.08)
+            ax.axhline(0.0, color="grey", lw=0.8, label="mean random batch")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xlabel("chunks n")
+            ax.set_ylabel("normalised batch learnability")
+            ax.grid(alpha=0.3)
+        axes[0, column].set_title(f"{study['name']} (step {study['learner_step']}): N = "
+                                  f"{study['super']}, b = {study['num_select']}", fontsize=9)
+        low = min(top + [table["independent_topk"]["normalised_mean"]]) - 0.02
+        axes[1, column].set_ylim(low, 1.005)
+        axes[1, column].set_title("zoom on the top of the range", fontsize=8)
     axes[0][-1].legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     partial = f"{path}.partial.png"  # whole or absent, like the other outputs
-    fig.savefig(partial, dpi=120)
+    fig.savefig(partial, dpi=110)
     plt.close(fig)
     os.replace(partial, path)
+
+
+def rounded(value: Any) -> Any:
+    """`value` with floats to 7 significant digits, for a JSON of readable size."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return value
 
 
 def report(args: argparse.Namespace, studies: list[dict[str, Any]], command: str) -> str:
@@ -498,25 +525,39 @@ def report(args: argparse.Namespace, studies: list[dict[str, Any]], command: str
 
 
 def reading(studies: list[dict[str, Any]]) -> list[str]:
-    """The numbers the reading needs, put in sentences (the discussion is added by hand
-    in docs, not generated)."""
+    """The reading, derived from the numbers of this run (so it says what was measured)."""
     out = []
     for study in studies:
-        t = study["summary"]["table"]
+        t, s = study["summary"]["table"], study["summary"]
         v = {m: t[m]["normalised_mean"] for m in t}
-        ci = {m: t[m]["normalised_ci95"] for m in t}
-        parts = [f"- **{study['name']}**:"]
-        for gain in study["gains"]:
-            joint = [m for m in t if m.startswith("joint_g") and parse_joint(m)[0] == gain]
-            ends = [joint[0], *(m for m in joint if parse_joint(m)[1] == 16), joint[-1]]
-            parts.append(f"joint at g = {gain:g}: " + ", ".join(
-                f"{v[m]:.3f} ± {ci[m]:.3f} (n = {parse_joint(m)[1]})"
-                for m in dict.fromkeys(ends)) + ";")
-        parts.append(f"independent top-b {v['independent_topk']:.3f} ± "
-                     f"{ci['independent_topk']:.3f}, sampled independent "
-                     f"{v['independent_sample']:.3f} ± {ci['independent_sample']:.3f}, best of "
-                     f"{study['random_count']} random {v['random_best']:.3f} ± "
-                     f"{ci['random_best']:.3f}.")
+        show = {m: f"{v[m]:.3f} ± {t[m]['normalised_ci95']:.3f}" for m in t}
+        configured, sharpest = study["gains"][0], max(study["gains"])
+        b = study["num_select"]
+        gain_c, gain_s = s["chunk_gain"][f"{configured:g}"], s["chunk_gain"][f"{sharpest:g}"]
+        n = gain_c["chunks"]
+        lo, hi = joint_name(configured, 1), joint_name(configured, n)
+        g_lo, g_hi = joint_name(sharpest, 1), joint_name(sharpest, n)
+        parts = [
+            f"- **{study['name']}** (step {study['learner_step']}): at the configured "
+            f"g = {configured:g}, joint sampling reaches {show[hi]} with n = {n} chunks and "
+            f"{show[lo]} with n = 1 (paired difference {gain_c['mean']:+.3f} ± "
+            f"{gain_c['ci95']:.3f}), {1 - v[hi]:.3f} short of the best batch.",
+            f"The same sampler at g = {sharpest:g} (greedy per chunk) reaches {show[g_hi]} "
+            f"with n = {n} and {show[g_lo]} with n = 1, the top b by S_ii alone (paired "
+            f"difference {gain_s['mean']:+.3f} ± {gain_s['ci95']:.3f}):",
+            "so the gap at the configured gain comes from the sampler's softness, not from "
+            "too few chunks." if 1 - v[hi] > 2 * max(1 - v[g_hi], 0) + 0.02 else
+            "so the gain matters less than the chunks here.",
+            f"Independent top-b by row sums reaches {show['independent_topk']}, the best of "
+            f"{study['random_count']} random batches {show['random_best']}.",
+        ]
+        diag_var, off_var = b * s["diag_std"] ** 2, b * (b - 1) * s["off_std"] ** 2
+        parts.append(
+            f"S's diagonal has std {s['diag_std']:.3f} and its off-diagonal {s['off_std']:.3f}: "
+            f"with b = {b} diagonal and {b * (b - 1)} off-diagonal cells in a batch, about "
+            f"{diag_var / (diag_var + off_var):.0%} of the variance of a random batch's "
+            "learnability comes from its members' own scores; the interactions between "
+            "members are what the chunks add on top of that.")
         out.append(" ".join(parts))
     return out
 
@@ -600,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
             "super_batches": results})
     payload = {"command": command, "args": vars(args), "studies": studies}
     write_atomically(os.path.join(args.out, "study_chunks.json"),
-                     json.dumps(payload, indent=1))
+                     json.dumps(rounded(payload), separators=(",", ":")))
     plot(studies, os.path.join(args.out, "study_chunks.png"))
     write_atomically(os.path.join(args.out, "study_chunks.md"), report(args, studies, command))
     log.info(f"[study_chunks] wrote {args.out}/study_chunks.{{md,png,json}}")
