@@ -2,8 +2,9 @@
 close to the most learnable batch of a super-batch does joint sampling with n chunks get?
 
     python experiments/study_chunks.py --learner RUN [--learner RUN2 ...] --reference REF
-        [--super 64] [--filter 0.5] [--draws 20] [--keys 16] [--random 10000]
-        [--sa-steps 20000] [--sa-chains 32] [--seed 0] [--pool JSON] [--out DIR]
+        [--name NAME ...] [--super 64] [--filter 0.5] [--draws 20] [--keys 16]
+        [--gains 10,1e6] [--random 10000] [--sa-steps 20000] [--sa-chains 32] [--seed 0]
+        [--pool JSON] [--out DIR]
 
 For each learner run (its latest checkpoint, frozen) and the reference run, `--draws`
 super-batches of N = `--super` candidates are drawn from the learner's training pool (its
@@ -11,9 +12,10 @@ config.json's `data.train`, or that with `--pool`'s fields over it). Each is sco
 train step scores it (`scoring.Scorer.score`, the learner config's criterion, dense S), and
 a batch of b = N·(1 - f) is chosen by:
 
-* joint sampling (the library's `selection.joint_select`) with n ∈ {1, 2, 4, ..., b}
-  chunks, at the config's `score_gain` and at each of `--gains` (by default 10, and 1e6,
-  where it is greedy chunk by chunk), `--keys` sampling keys each, averaged;
+* joint sampling (the library's `selection.joint_select`) with n ∈ {1, 2, 4, 8, 16, 32}
+  chunks (those dividing b), at the config's `score_gain` and at each of `--gains` (by
+  default 10, and 1e6, where it is greedy chunk by chunk), `--keys` sampling keys each,
+  averaged;
 * independent selection by row sums: top-b, and sampled ∝ exp(g·s);
 * the best of `--random` uniformly random batches;
 * the reference search: simulated annealing over batches (swap moves, each scored in O(1)
@@ -430,7 +432,9 @@ def plot(studies: list[dict[str, Any]], path: str) -> None:
             ax.grid(alpha=0.3)
         axes[0, column].set_title(f"{study['name']} (step {study['learner_step']}): N = "
                                   f"{study['super']}, b = {study['num_select']}", fontsize=9)
-        low = min(top + [table["independent_topk"]["normalised_mean"]]) - 0.02
+        independent = table["independent_topk"]
+        low = min(top + [independent["normalised_mean"] - independent["normalised_ci95"]])
+        low -= 0.01
         axes[1, column].set_ylim(low, 1.005)
         axes[1, column].set_title("zoom on the top of the range", fontsize=8)
     axes[0][-1].legend(fontsize=6.5, loc="lower right")
@@ -516,8 +520,8 @@ def report(args: argparse.Namespace, studies: list[dict[str, Any]], command: str
             "of the random-batch distribution above its mean. SA restarts reaching the best "
             f"value: {agree.min()}–{agree.max()} of {s['sa_chains']} (median "
             f"{int(np.median(agree))}); another method beat SA on {s['sa_beaten']} of "
-            f"{args.draws} super-batches. Share of S's spread on the diagonal: the diagonal's "
-            f"std is {s['diag_std']:.3f}, the off-diagonal's {s['off_std']:.3f}.",
+            f"{args.draws} super-batches. S's entries have a std of {s['diag_std']:.3f} on the "
+            f"diagonal and {s['off_std']:.3f} off it (means over the super-batches).",
             "",
         ]
     lines += ["## Reading", "", *reading(studies), ""]
