@@ -174,7 +174,10 @@ def load_study(path: str, arg: str = "") -> Study:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_study"):
         raise StudyError(f"{path} has no get_study(arg) function")
-    raw = module.get_study(arg or None)
+    try:
+        raw = module.get_study(arg or None)
+    except ValueError as e:
+        raise StudyError(str(e)) from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: get_study must return a dict, not {type(raw).__name__}")
     unknown = sorted(set(raw) - set(STUDY_DEFAULTS))
@@ -554,7 +557,8 @@ def curves(run: Run, study: Study) -> dict[str, Any]:
     for key in ("selection/clean_selected", "selection/clean_super"):
         values = [r[key] for r in train if key in r]
         out[key] = float(np.mean(values)) if values else float("nan")
-    speeds = [r["steps_per_sec"] for r in train if math.isfinite(r.get("steps_per_sec", math.nan))]
+    speeds = [r["steps_per_sec"] for r in train
+              if math.isfinite(r.get("steps_per_sec", math.nan))]
     out["steps_per_sec"] = float(np.median(speeds)) if speeds else float("nan")
     return out
 
@@ -610,9 +614,9 @@ def analyse(study: Study, runs: list[Run]) -> dict[str, Any]:
         for key in ("final", "best", "step_ratio", "flops_ratio", "total_flops_ratio",
                     *(f"final:{k}" for k in study.report)):
             summary[key] = mean_ci([r[key] for r in rows])
+        # Over the seeds that reached the target (the `reached` column says how many).
         reached = [r["steps_to_target"] for r in rows if math.isfinite(r["steps_to_target"])]
-        summary["steps_to_target"] = (mean_ci(reached) if len(reached) == len(rows)
-                                      else (math.inf, math.nan))
+        summary["steps_to_target"] = mean_ci(reached) if reached else (math.inf, math.nan)
         summary["reached"] = f"{len(reached)}/{len(rows)}"
         first = per_run[f"{name}_seed{seeds[0]}"]
         variants[name] = {
@@ -634,7 +638,11 @@ def report(study: Study, result: dict[str, Any], command: str) -> str:
     """The markdown report of `analyse`'s result."""
     n = len(result["seeds"])
     t = result["target"]
-    lines = [f"# {study.title or study.name}\n", f"Command: `{command}`\n"]
+    lines = [f"# {study.title or study.name}\n"]
+    if study.command and study.command != command:
+        lines.append(f"Made by `{study.command}` (this report: `{command}`).\n")
+    else:
+        lines.append(f"Command: `{command}`\n")
     if study.description:
         lines.append(study.description.strip() + "\n")
     lines.append(
@@ -659,7 +667,10 @@ def report(study: Study, result: dict[str, Any], command: str) -> str:
         s = v["summary"]
         lines.append("| " + " | ".join([
             name, fmt(*s["final"]), fmt(*s["best"]), s["reached"],
-            fmt(*s["steps_to_target"], digits=0), fmt(*s["step_ratio"], digits=2),
+            fmt(*s["steps_to_target"], digits=0)
+            + ("" if s["reached"].split("/")[0] in ("0", s["reached"].split("/")[1])
+               else f" ({s['reached']})"),
+            fmt(*s["step_ratio"], digits=2),
             fmt(*s["flops_ratio"], digits=2), fmt(*s["total_flops_ratio"], digits=2),
             f"{v['flops_per_step'] / 1e9:.2f}", f"{v['steps_per_sec']:.1f}",
             "—" if math.isnan(v["clean_selected"]) else f"{v['clean_selected']:.3f}"]) + " |")
