@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 RESULTS ?= docs/results
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench pins clean
+.PHONY: install demo reproduce test test-fast lint bench pins clean
 
 # The versions in constraints.txt, tested together (`make pins` renews them).
 $(STAMP): setup.py constraints.txt
@@ -19,9 +19,22 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
-# Reference + five learners (uniform, three independent criteria, JEST) on embedded data.
+# Reference + five learners (uniform, three independent criteria, JEST) on embedded data,
+# through the experiment harness (configs/studies/demo.py).
 demo: $(STAMP)
-	$(BIN)/python experiments/compare_methods.py --workdir $(WORKDIR) --out $(RESULTS)
+	$(BIN)/python experiments/compare.py configs/studies/demo.py --workdir $(WORKDIR) \
+		--out $(RESULTS)/demo
+
+# The paper's findings at small scale (docs/results.md): every study, resumable (re-run to
+# continue; finished runs are reused). About 2 hours on a 2-core CPU.
+REPRODUCE ?= runs/reproduce
+JOBS ?= 2
+reproduce: $(STAMP)
+	$(BIN)/python experiments/study_chunks.py --workdir $(REPRODUCE) --out $(RESULTS)/chunks
+	for s in fig3 headline reference; do \
+		$(BIN)/python experiments/compare.py configs/studies/reproduce.py:study=$$s \
+			--workdir $(REPRODUCE) --out $(RESULTS)/$$s --jobs $(JOBS) || exit 1; \
+	done
 
 # Whole suite, slow end-to-end tests included (that is what CI runs). worksteal: a worker
 # that runs out of tests takes half of the other's queue, so no long test is left alone at the end.
