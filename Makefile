@@ -30,11 +30,13 @@ demo: $(STAMP)
 REPRODUCE ?= runs/reproduce
 JOBS ?= 2
 reproduce: $(STAMP)
-	$(BIN)/python experiments/study_chunks.py --workdir $(REPRODUCE) --out $(RESULTS)/chunks
 	for s in fig3 headline reference; do \
 		$(BIN)/python experiments/compare.py configs/studies/reproduce.py:study=$$s \
 			--workdir $(REPRODUCE) --out $(RESULTS)/$$s --jobs $(JOBS) || exit 1; \
 	done
+	$(BIN)/python experiments/study_chunks.py --learner $(REPRODUCE)/uniform_seed0 \
+		--name uniform-300 --reference $(REPRODUCE)/ref_curated --draws 20 --super 160 \
+		--filter 0.8 --out $(RESULTS)/study_chunks
 
 # Whole suite, slow end-to-end tests included (that is what CI runs). worksteal: a worker
 # that runs out of tests takes half of the other's queue, so no long test is left alone at the end.

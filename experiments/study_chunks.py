@@ -1,4 +1,4 @@
-"""Study (a) of issue 16, the analogue of the JEST paper's Fig. 2 (Evans et al., 2024): how
+"""The analogue of the JEST paper's Fig. 2 (Evans et al., 2024, arXiv:2406.17711): how
 close to the most learnable batch of a super-batch does joint sampling with n chunks get?
 
     python experiments/study_chunks.py --learner RUN [--learner RUN2 ...] --reference REF

@@ -1,5 +1,5 @@
-"""experiments/study_chunks.py (issue 16, study a): its reference search and its batch
-objective, against brute force and NumPy float64."""
+"""experiments/study_chunks.py (the Fig. 2 study, docs/results.md): its reference search
+and its batch objective, against brute force and NumPy float64."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The paper's findings at small scale, on the embedded `jest_shapes` data (`make reproduce`).
 
-    python experiments/compare.py configs/studies/reproduce.py:study=fig3 --workdir runs/reproduce
-    python experiments/compare.py configs/studies/reproduce.py:study=headline --workdir runs/reproduce
-    python experiments/compare.py configs/studies/reproduce.py:study=reference --workdir runs/reproduce
+    S=configs/studies/reproduce.py
+    python experiments/compare.py $S:study=fig3 --workdir runs/reproduce
+    python experiments/compare.py $S:study=headline --workdir runs/reproduce
+    python experiments/compare.py $S:study=reference --workdir runs/reproduce
 
 The three studies share one workdir and one set of definitions, so a run two studies both
 need (the reference, `uniform`, `joint_f0.8`, which is JEST) is trained once and reused.
