@@ -20,10 +20,10 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 # Reference + five learners (uniform, three independent criteria, JEST) on embedded data,
-# through the experiment harness (configs/studies/demo.py).
+# through the experiment harness (configs/studies/reproduce.py, study=demo).
 demo: $(STAMP)
-	$(BIN)/python experiments/compare.py configs/studies/demo.py --workdir $(WORKDIR) \
-		--out $(RESULTS)/demo
+	$(BIN)/python experiments/compare.py configs/studies/reproduce.py:study=demo \
+		--workdir $(WORKDIR) --out $(RESULTS)/demo
 
 # The paper's findings at small scale (docs/results.md): every study, resumable (re-run to
 # continue; finished runs are reused). About 2 hours on a 2-core CPU.

@@ -1,7 +1,7 @@
 """The experiment harness: learner variants x seeds of one base config, each trained (or
 resumed) as its own `python -m jest_jax.main` process, compared on one target metric.
 
-    python experiments/compare.py configs/studies/demo.py [--workdir runs/demo]
+    python experiments/compare.py configs/studies/reproduce.py:study=demo [--workdir runs/demo]
         [--out docs/results/demo] [--jobs 1] [--seeds 0,1] [--set FIELD=VALUE ...]
     python experiments/compare.py configs/studies/paper_headline.py --dry-run \\
         --workdir gs://bucket/headline     # prints the commands to run on a TPU pod
@@ -423,6 +423,11 @@ def prepare(run: Run) -> None:
     """Writes the run's config; refuses a run dir made with another config."""
     text = run.config.to_json_best_effort(indent=2, sort_keys=True)
     if files.is_file(run.config_path):
+        # A cache pass runs with the config of the first learner that reads it; another
+        # study's first learner differs in its own fields but caches the same rows.
+        if run.kind == "cache" and (_cache_inputs(json.loads(files.read_text(run.config_path)))
+                                    == _cache_inputs(json.loads(text))):
+            return
         if files.read_text(run.config_path) != text:
             raise StudyError(f"{run.workdir} was made with another config than this study "
                              f"now gives {run.label} (see {run.config_path}); delete it or "
@@ -430,6 +435,11 @@ def prepare(run: Run) -> None:
         return
     files.makedirs(run.workdir)
     files.write_atomically(run.config_path, text)
+
+
+def _cache_inputs(config: dict[str, Any]) -> tuple[Any, ...]:
+    """What a cache pass's rows depend on: the pool, its preprocessing, the reference."""
+    return config["data"], config["selection"]["reference"], config["evals"]["batch_size"]
 
 
 def execute(runs: list[Run], workdir: str, jobs: int, lock_fd: int | None,
@@ -790,8 +800,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     command = "python experiments/compare.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     if args.dry_run:
-        for run in runs:
-            prepare(run)
+        try:
+            for run in runs:
+                prepare(run)
+        except StudyError as e:
+            sys.exit(f"error: {e}")
         print(f"# {len(runs)} runs of {study.name}; run each once its `after` runs have "
               "finished (on a pod: the same command on every host)")
         for run in runs:
