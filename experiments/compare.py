@@ -419,8 +419,9 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def prepare(run: Run) -> None:
-    """Writes the run's config; refuses a run dir made with another config."""
+def prepare(run: Run, write: bool = True) -> None:
+    """Writes the run's config (checks it only, without `write`); refuses a run dir made
+    with another config."""
     text = run.config.to_json_best_effort(indent=2, sort_keys=True)
     if files.is_file(run.config_path):
         # A cache pass runs with the config of the first learner that reads it; another
@@ -433,8 +434,9 @@ def prepare(run: Run) -> None:
                              f"now gives {run.label} (see {run.config_path}); delete it or "
                              "use another --workdir")
         return
-    files.makedirs(run.workdir)
-    files.write_atomically(run.config_path, text)
+    if write:
+        files.makedirs(run.workdir)
+        files.write_atomically(run.config_path, text)
 
 
 def _cache_inputs(config: dict[str, Any]) -> tuple[Any, ...]:
@@ -813,10 +815,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     start = time.time()
     try:
-        with workdir_lock(workdir) as fd:
+        if args.report_only:  # reads only, so it needs no lock: works while runs train
             for run in runs:
-                prepare(run)
-            if not args.report_only:
+                prepare(run, write=False)
+        else:
+            with workdir_lock(workdir) as fd:
+                for run in runs:
+                    prepare(run)
                 execute(runs, workdir, max(args.jobs, 1), fd)
         missing = [r.label for r in runs if not r.finished()]
         if missing:
