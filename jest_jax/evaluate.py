@@ -494,8 +494,10 @@ class EvalRunner:
             chunk = texts[start:start + size]
             tokens = np.stack([self.preprocess.tokenizer.encode(t, self.preprocess.text_len)
                                for t in chunk])
-            padded = -(-len(tokens) // self.mesh.size) * self.mesh.size
-            tokens = np.pad(tokens, ((0, padded - len(tokens)), (0, 0)))
+            # Every call has `size` rows (padding rows are embedded and dropped): one
+            # compiled program, the one `embed_split` uses, whatever the number of
+            # classes and templates of each task.
+            tokens = np.pad(tokens, ((0, size - len(tokens)), (0, 0)))
             # Every process holds all texts; each passes its own rows of the global array.
             rows = len(tokens) // jax.process_count()
             local = tokens[jax.process_index() * rows:(jax.process_index() + 1) * rows]

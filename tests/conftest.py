@@ -30,8 +30,11 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """The slow end-to-end tests first: with -n 2 the short ones then fill the gaps, and no
-    long test is left running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    long test is left running alone at the end. First of all those that share the
+    8-device process (tests/eight_devices.py): it runs at the start of one worker, and
+    its tests then read its results on whichever worker they land."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 "eight_devices" not in getattr(item, "fixturenames", ())))
 
 
 def pytest_unconfigure(config):
@@ -83,6 +86,15 @@ def reference_workdir(data_dir, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("reference"))
     train.train(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def eight_devices(request, tmp_path_factory) -> tuple[dict, str]:
+    """The checks that need 8 simulated devices, all run in one subprocess once per
+    session (tests/eight_devices.py): each part's result, and the saved arrays' dir."""
+    import eight_devices
+
+    return eight_devices.results(request, tmp_path_factory)
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ embeddings, start-up errors, 1 vs 8 devices, and kill -9 + resume of a Flexi run
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
+import pathlib
 import sys
 
+import eight_devices as eight_devices_lib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,57 +153,14 @@ def test_bad_flexi_settings_fail_at_start_up_naming_the_field(field, value, devi
     config_lib.validate(config, num_devices=devices, check_files=False)  # a good value passes
 
 
-# One process, 8 simulated devices: the same Flexi-JEST steps on a 1-device mesh, on 8
-# devices, and on a 4×2 FSDP mesh with the chunked loss (the ring over concatenated parts).
-DEVICES_SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-from jax.sharding import Mesh
-from jest_jax import build, config as config_lib, sharding
-from jest_jax.reference import NoReference
-smoke, out = sys.argv[1:3]
-assert jax.device_count() == 8
-rng = np.random.default_rng(0)
-host = {"image": rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
-        "tokens": rng.integers(1, 258, (64, 24), dtype=np.int32)}
-report = {}
-for name, axes, shape, rules, loss in (
-        ("one", ("data",), (1,), ((".*", "replicate"),), "dense"),
-        ("data8", ("data",), (8,), ((".*", "replicate"),), "dense"),
-        ("fsdp4x2", ("data", "fsdp"), (4, 2), ((".*", "fsdp"),), "chunked")):
-    c = config_lib.load(smoke)
-    c.batch_size = 32
-    c.optimizer.warmup_fraction = 0.0
-    c.model.update(low_res_patch_size=8, low_res_fraction=0.5)
-    c.selection.update(method="joint", criterion="hard_learner", filter_ratio=0.5,
-                       num_chunks=4, score_patch_size=8)
-    c.mesh.axes, c.mesh.shape, c.mesh.rules = axes, shape, rules
-    c.loss.implementation = loss
-    mesh = Mesh(np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape), axes)
-    spec = config_lib.validate(c, num_devices=mesh.size, check_files=False)
-    wired = build.wire(spec, mesh, 258, NoReference())
-    state, batch = wired.state.init(0), sharding.to_global(host, mesh)
-    losses = []
-    for _ in range(2):
-        state, metrics, _ = wired.step(state, batch, {})
-        losses.append(float(metrics["loss"]))
-    report[name] = {"losses": losses, "score": float(metrics["selection/score_selected"])}
-    np.savez(f"{out}/{name}.npz", **{sharding.path_name(p): np.asarray(v)
-             for p, v in jax.tree_util.tree_leaves_with_path(state["params"])})
-print("RESULT" + json.dumps(report))
-"""
-
-
+# In the shared 8-device process (tests/eight_devices.py): the same Flexi-JEST steps on
+# a 1-device mesh, on 8 devices, and on a 4×2 FSDP mesh with the chunked loss (the ring
+# over concatenated parts).
 @pytest.mark.slow
-def test_one_and_eight_devices_agree(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT,
-                          os.path.join(ROOT, "configs", "smoke.py"), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-4000:]
-    runs = json.loads(next(x for x in out.stdout.splitlines()
-                           if x.startswith("RESULT"))[len("RESULT"):])
+def test_one_and_eight_devices_agree(eight_devices):
+    found, out_dir = eight_devices
+    runs = eight_devices_lib.part(found, "flexi")
+    tmp_path = pathlib.Path(out_dir) / "flexi"
     one = np.load(tmp_path / "one.npz")
     for name in ("data8", "fsdp4x2"):
         # The same examples at the same resolutions: only the reduction order differs.

@@ -1,6 +1,6 @@
 """Two real processes (4 CPU devices each, gloo collectives) train JEST; a checkpoint
 resumes on another number of processes and devices (elastic resume) and the run ends
-where one uninterrupted process with 8 devices ends; an error one process alone meets
+where one uninterrupted process with 4 devices ends; an error one process alone meets
 ends both."""
 
 from __future__ import annotations
@@ -88,11 +88,14 @@ def _files(workdir: str) -> dict[str, int]:
 
 def test_checkpoints_resume_on_other_process_and_device_counts(data_dir, reference_workdir,
                                                                tmp_path):
-    """2 processes -> 1 (and 8 devices -> 4), 1 process -> 2, each continuing to the
-    losses of one uninterrupted run; a damaged last checkpoint makes both processes fall
-    back together; another batch size is refused before anything is trained."""
+    """2 processes -> 1 (and 8 devices -> 4), 1 process -> 2 (and 4 devices -> 8), each
+    continuing to the losses of one uninterrupted run; a damaged last checkpoint makes
+    both processes fall back together; another batch size is refused before anything is
+    trained."""
     one, two, grown = (str(tmp_path / name) for name in ("one", "two", "grown"))
-    _launch(_args(data_dir, reference_workdir, one), 1, 8, [])  # uninterrupted, 8 devices
+    # Uninterrupted, 1 process with 4 devices: the programs the 2 -> 1 resume below runs,
+    # so that one reads them from the session's compilation cache.
+    _launch(_args(data_dir, reference_workdir, one), 1, 4, [])
     # 2 processes x 4 devices stop at step 3, and 1 process with 4 devices finishes.
     _launch(_args(data_dir, reference_workdir, two), 2, 4, ["--stop_at_step=3"])
     position = os.path.join(two, "checkpoints", "3", "position")
@@ -102,8 +105,9 @@ def test_checkpoints_resume_on_other_process_and_device_counts(data_dir, referen
         assert json.load(f)["stream_position"] == 3 * 64  # 3 super-batches of N = 64
     (out,) = _launch(_args(data_dir, reference_workdir, two), 1, 4, [])
     assert "resuming from the checkpoint at step 3 " in out
-    # 1 -> 2: the uninterrupted run's checkpoints, resumed by 2 processes x 4 devices. Its
-    # step-6 position is damaged, so both fall back to step 3 together and redo 4-6.
+    # 1 -> 2 (4 -> 8 devices): the uninterrupted run's checkpoints, resumed by 2 processes
+    # x 4 devices. Its step-6 position is damaged, so both fall back to step 3 together
+    # and redo 4-6.
     shutil.copytree(one, grown)
     os.remove(os.path.join(grown, "final_metrics.json"))
     with open(os.path.join(grown, "checkpoints", "6", "position", "metadata"), "r+") as f:

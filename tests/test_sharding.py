@@ -3,11 +3,9 @@ laid out as (8,), (4, 2) and (2, 4) meshes, with and without FSDP."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import pathlib
 
+import eight_devices as eight_devices_lib
 import jax
 import numpy as np
 import pytest
@@ -16,8 +14,6 @@ from jax.sharding import PartitionSpec as P
 
 from jest_jax import config as config_lib
 from jest_jax import sharding
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_fsdp_splits_the_largest_divisible_dimension():
@@ -70,101 +66,14 @@ def test_explicit_spec_must_divide_the_array():
         sharding.tree_shardings(tree, mesh, (("w", (None, None, "data")),))
 
 
-# One process with 8 simulated devices builds every mesh (and a 1-device one) and runs the
-# same two JEST steps from the same init on the same super-batch.
-SCRIPT = r"""
-import dataclasses, json, sys
-import jax, numpy as np
-from jax.sharding import Mesh
-from jest_jax import build, config as config_lib, sharding, step as step_lib
-from jest_jax.data.pipeline import Preprocess, train_dataset
-from jest_jax.data.sources import open_pool
-from jest_jax.data.tokenizer import make_tokenizer
-
-data_dir, ref_workdir, out_dir, smoke = sys.argv[1:5]
-assert jax.device_count() == 8
-RUNS = {  # name: (mesh axes, shape, rules, loss implementation, selection implementation)
-    "one": (("data",), (1,), ((".*", "replicate"),), "dense", "dense"),
-    "one_mf": (("data",), (1,), ((".*", "replicate"),), "dense", "matrix_free"),
-    "data8": (("data",), (8,), ((".*", "replicate"),), "dense", "dense"),
-    "fsdp4x2": (("data", "fsdp"), (4, 2), ((".*", "fsdp"),), "dense", "matrix_free"),
-    "fsdp2x4": (("data", "fsdp"), (2, 4), ((".*", "fsdp"),), "chunked", "dense"),
-}
-
-def make_config(axes, shape, rules, loss, implementation):
-    c = config_lib.load(f"{smoke}:steps=10")
-    for pool in (c.data.train, c.evals.zero_shot.data, c.evals.retrieval.data):
-        pool.data_dir = data_dir
-    c.data.train.split = "raw"
-    c.batch_size = 32
-    c.optimizer.warmup_fraction = 0.0  # the first update is not zero
-    c.selection.update(method="joint", criterion="learnability", filter_ratio=0.5,
-                       num_chunks=4, implementation=implementation)
-    c.selection.reference.workdir = ref_workdir
-    c.mesh.axes, c.mesh.shape, c.mesh.rules = axes, shape, rules
-    c.loss.implementation = loss
-    return c
-
-config = make_config(*RUNS["one"])
-tokenizer = make_tokenizer(config.data.tokenizer)
-preprocess = Preprocess(config.data.image_size, tokenizer, config.data.text_len)
-host_batch = next(iter(train_dataset(open_pool(config, "data.train"), preprocess,
-                                     batch_size=64, seed=0)))
-key = jax.random.key(7)
-report = {}
-for name, run in RUNS.items():
-    axes, shape = run[0], run[1]
-    config = make_config(*run)
-    devices = jax.devices()[:int(np.prod(shape))]
-    mesh = Mesh(np.asarray(devices).reshape(shape), axes)
-    spec = config_lib.validate(config)
-    source = spec.reference.open(spec.data, mesh, spec.mesh)
-    wired = build.wire(spec, mesh, tokenizer.vocab_size, source)
-    reference = source.step_input
-    state = wired.state.init(config.seed)
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host_batch.items()}
-    idx, _, _ = jax.jit(wired.scorer)(key, state["params"], reference, batch)
-    selected = {k: v[idx] for k, v in batch.items()}
-    grads = jax.jit(jax.grad(lambda p: step_lib.batch_loss(wired.model, spec.loss, mesh, p,
-                                                           selected)))(state["params"])
-    np.savez(f"{out_dir}/{name}_grads.npz", **{sharding.path_name(p): np.asarray(v)
-             for p, v in jax.tree_util.tree_leaves_with_path(grads)})
-    losses, scores = [], []
-    for _ in range(2):
-        state, metrics, _ = wired.step(state, batch, reference)
-        losses.append(float(metrics["loss"]))
-        scores.append(float(metrics["selection/score_selected"]))
-    def spec(x):
-        return [None if e is None else str(e) for e in x.sharding.spec]
-    def leaf(tree, suffix):
-        return next(v for p, v in jax.tree_util.tree_leaves_with_path(tree)
-                    if sharding.path_name(p).endswith(suffix))
-    kernel = leaf(state["params"], "image/encoder/blocks/0/mlp_in/kernel")
-    mu = leaf(state["opt_state"], "mu/image/encoder/blocks/0/mlp_in/kernel")
-    ref_kernel = leaf(reference, "image/encoder/blocks/0/mlp_in/kernel")
-    report[name] = {
-        "idx": np.asarray(idx).tolist(), "losses": losses, "scores": scores,
-        "shape": list(kernel.shape),
-        "spec": spec(kernel), "mu_spec": spec(mu), "ref_spec": spec(ref_kernel),
-        "shard_shapes": sorted({tuple(s.data.shape) for s in kernel.addressable_shards}),
-        "num_shards": len({str(s.index) for s in kernel.addressable_shards}),
-    }
-    np.savez(f"{out_dir}/{name}.npz", **{sharding.path_name(p): np.asarray(v)
-             for p, v in jax.tree_util.tree_leaves_with_path(state["params"])})
-print("RESULT" + json.dumps(report))
-"""
-
-
+# The 8-device checks run in one shared process (tests/eight_devices.py): every mesh
+# (and a 1-device one) runs the same two JEST steps from the same init on the same
+# super-batch.
 @pytest.mark.slow
-def test_meshes_agree_with_one_device(data_dir, reference_workdir, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, data_dir, reference_workdir,
-                          str(tmp_path), os.path.join(ROOT, "configs", "smoke.py")], env=env,
-                         capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-4000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))
-    runs = json.loads(line[len("RESULT"):])
+def test_meshes_agree_with_one_device(eight_devices):
+    found, out_dir = eight_devices
+    runs = eight_devices_lib.part(found, "meshes")
+    tmp_path = pathlib.Path(out_dir) / "meshes"
     one = np.load(tmp_path / "one.npz")
     for name, base in (("data8", "one"), ("fsdp4x2", "one_mf"), ("fsdp2x4", "one")):
         run = runs[name]
@@ -197,38 +106,10 @@ def test_meshes_agree_with_one_device(data_dir, reference_workdir, tmp_path):
         assert run["shard_shapes"] == [[d, h // fsdp]] and run["num_shards"] == fsdp
 
 
-ROWS_SCRIPT = r"""
-import json, re, jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jest_jax import criteria, methods, scoring, sharding
-from jest_jax.selection import Embeddings
-mesh = Mesh(np.array(jax.devices()), ("data",))
-N, b, D = 256, 64, 16
-x = jax.ShapeDtypeStruct((N, D), jnp.float32, sharding=NamedSharding(mesh, P("data")))
-out = {}
-for implementation in ("dense", "matrix_free"):
-    spec = scoring.SelectionSpec(method=methods.Joint(b, 4, 1.0),
-                                 criterion=criteria.bind("learnability"), num_select=b,
-                                 num_candidates=N, implementation=implementation)
-    scorer = scoring.Scorer(spec, 0, None, None, sharding.rows_sharding(mesh))
-    def f(key, li, lt, ri, rt):
-        e, r = (Embeddings(i, t, jnp.float32(2.3), jnp.float32(-10.0))
-                for i, t in ((li, lt), (ri, rt)))
-        return spec.method(key, scorer.scores(e, r, criteria.Context()))
-    text = jax.jit(f).lower(jax.random.key(0), x, x, x, x).compile().as_text()
-    out[implementation] = sorted(set(re.findall(r"f32\[[0-9,]+\]", text)))
-print("RESULT" + json.dumps(out))
-"""
-
-
-def test_selection_never_holds_the_whole_score_matrix_on_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", ROWS_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=1800, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    shapes = json.loads(next(x for x in out.stdout.splitlines()
-                             if x.startswith("RESULT"))[len("RESULT"):])
+@pytest.mark.slow
+def test_selection_never_holds_the_whole_score_matrix_on_one_device(eight_devices):
+    # Slow only because it shares the 8-device process of the test above.
+    shapes = eight_devices_lib.part(eight_devices[0], "rows")
     # N = 256 candidates on 8 devices: the dense S lives as row blocks [32, 256] per device;
     # the matrix-free path has no N-by-N or N/8-by-N array at all.
     assert "f32[32,256]" in shapes["dense"]
