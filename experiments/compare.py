@@ -611,8 +611,16 @@ def analyse(study: Study, runs: list[Run]) -> dict[str, Any]:
                      for x in ("step", "flops", "total_flops")}
             base_reach = {x: first_crossing(b[x], b[study.target], target[s])
                           for x in ("step", "flops", "total_flops")}
+            # The other way round: how many baseline steps (total FLOPs) the variant's
+            # final value is worth, ÷ what the variant spent; > 1: the variant's budget
+            # buys more than the baseline's. Defined when the variant never reaches the
+            # target too (inf when the baseline never reaches the variant's final).
+            worth = {x: first_crossing(b[x], b[study.target], c[study.target][-1])
+                     for x in ("step", "total_flops")}
             rows.append({
                 "seed": s, "target": target[s], "final": c[study.target][-1],
+                "worth_ratio": worth["step"] / c["step"][-1],
+                "worth_flops_ratio": worth["total_flops"] / c["total_flops"][-1],
                 "best": max(c[study.target]),
                 "steps_to_target": reach["step"], "flops_to_target": reach["flops"],
                 "total_flops_to_target": reach["total_flops"],
@@ -624,6 +632,7 @@ def analyse(study: Study, runs: list[Run]) -> dict[str, Any]:
             })
         summary = {}
         for key in ("final", "best", "step_ratio", "flops_ratio", "total_flops_ratio",
+                    "worth_ratio", "worth_flops_ratio",
                     *(f"final:{k}" for k in study.report)):
             summary[key] = mean_ci([r[key] for r in rows])
         # Over the seeds that reached the target (the `reached` column says how many).
@@ -686,6 +695,15 @@ def report(study: Study, result: dict[str, Any], command: str) -> str:
             fmt(*s["flops_ratio"], digits=2), fmt(*s["total_flops_ratio"], digits=2),
             f"{v['flops_per_step'] / 1e9:.2f}", f"{v['steps_per_sec']:.1f}",
             "—" if math.isnan(v["clean_selected"]) else f"{v['clean_selected']:.3f}"]) + " |")
+    lines += ["", f"*Worth*: the steps (total FLOPs) at which `{study.baseline}` reaches each "
+              "variant's final value, ÷ the variant's own; > 1: the variant's budget buys "
+              "more than the baseline's (defined whether or not the variant reaches the "
+              "target; inf: the baseline never gets there).", "",
+              "| variant | worth in steps | worth in total FLOPs |", "|---|---:|---:|"]
+    for name, v in result["variants"].items():
+        s = v["summary"]
+        lines.append(f"| {name} | {fmt(*s['worth_ratio'], digits=2)} | "
+                     f"{fmt(*s['worth_flops_ratio'], digits=2)} |")
     if study.report:
         lines += ["", "Final values:", "", "| variant | " + " | ".join(study.report) + " |",
                   "|---|" + "---:|" * len(study.report)]

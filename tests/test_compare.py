@@ -206,6 +206,13 @@ def test_a_toy_study_runs_end_to_end_and_resumes_after_a_kill(tmp_path, data_dir
             base = grid[np.nonzero(np.interp(grid, bx, by) >= target - 1e-12)[0][0]]
             got = row["steps_to_target"]
             assert (got == "inf") if math.isinf(reach) else got == pytest.approx(reach, abs=1e-3)
+            # Worth: the baseline's steps to this run's final value ÷ this run's steps.
+            above = np.nonzero(np.interp(grid, bx, by) >= y[-1] - 1e-12)[0]
+            worth = row["worth_ratio"]
+            if above.size:
+                assert worth == pytest.approx(grid[above[0]] / x[-1], abs=1e-4)
+            else:
+                assert worth == "inf"
             finals.append(y[-1])
             ratios.append(0.0 if math.isinf(reach) else base / reach)
         summary = result["variants"][variant]["summary"]
