@@ -3,10 +3,10 @@ resumed) as its own `python -m jest_jax.main` process, compared on one target me
 
     python experiments/compare.py configs/studies/reproduce.py:study=demo [--workdir runs/demo]
         [--out docs/results/demo] [--jobs 1] [--seeds 0,1] [--set FIELD=VALUE ...]
-    python experiments/compare.py configs/studies/paper_headline.py --dry-run \\
-        --workdir gs://bucket/headline     # prints the commands to run on a TPU pod
+    python experiments/compare.py my_pod_study.py --dry-run \\
+        --workdir gs://bucket/study        # prints the commands to run on a TPU pod
 
-A study file (configs/studies/*.py) returns a ConfigDict from `get_study(arg)`:
+A study file (configs/studies/*.py) returns a dict from `get_study(arg)`:
 
     base        the learner config, "path.py[:args]" (relative to the repository root)
     variants    {name: {field: value}}, fields from VARIANT_FIELDS below, in table order
@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -128,10 +129,10 @@ def first_crossing(x: Any, y: Any, target: float) -> float:
     return float(x[k - 1] + t * (x[k] - x[k - 1]))
 
 
-def fmt(mean: float, half: float, digits: int = 3) -> str:
+def fmt(mean: float, half: float, digits: int = 3, inf: str = "never") -> str:
     """"m ± h", or "m" alone when there is no interval (one seed)."""
     if math.isinf(mean):
-        return "never"
+        return inf
     if math.isnan(half):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
@@ -220,7 +221,10 @@ class Run:
         if self.kind == "cache":
             return files.is_file(files.join(self.config.selection.reference.cache_dir,
                                             "meta.json"))
-        return files.is_file(files.join(self.workdir, "final_metrics.json"))
+        # A run stopped early (SIGTERM, --stop_at_step) writes it too, at its last step.
+        path = files.join(self.workdir, "final_metrics.json")
+        return (files.is_file(path)
+                and files.read_json(path).get("step") == self.config.total_steps)
 
 
 def _set(config: ml_collections.ConfigDict, where: str, fields: dict[str, Any]) -> None:
@@ -263,7 +267,10 @@ def plan(study: Study, workdir: str,
     extra = dict(_literal(o) for o in overrides)
     runs: list[Run] = []
     cache_of: dict[str, Run] = {}
+    used = {v.get("reference", "") for v in study.variants.values()}
     for name, ref in study.references.items():
+        if name not in used:  # e.g. after --only
+            continue
         unknown = sorted(set(ref) - set(REFERENCE_FIELDS))
         if unknown:
             raise StudyError(f"study.references.{name}: unknown field(s) {unknown}; known: "
@@ -288,8 +295,8 @@ def plan(study: Study, workdir: str,
         for name in list(study.variants):
             variant = study.variants[name]
             config = _config(study.base, "study.base")
+            _set(config, "study.set", study.set)  # the variant's own fields come after
             ref = _variant(config, study, name, variant)
-            _set(config, "study.set", study.set)
             _set(config, f"study.variants.{name}.set", variant.get("set", {}))
             _set(config, "--set", extra)
             config.seed = int(seed)
@@ -389,11 +396,20 @@ def check_target(study: Study, runs: list[Run]) -> None:
 # ----------------------------------------------------------------------------- running
 
 
-def _die_with_parent() -> None:
+try:  # loaded once here: the forked child may only call into it
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not Linux: runs then outlive a SIGKILLed harness
+    _LIBC = None
+
+
+def _die_with_parent(parent: int) -> None:
     """In the child: SIGTERM when the harness dies, however it dies, so that a killed
-    harness leaves no orphan training; the run checkpoints on SIGTERM (docs/reliability.md)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    harness leaves no orphan training; the run checkpoints on SIGTERM (docs/reliability.md).
+    A harness that died before this ran is noticed by its pid."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -461,23 +477,27 @@ def execute(runs: list[Run], workdir: str, jobs: int, lock_fd: int | None,
     failed: list[str] = []
     total = len(todo)
 
-    def stream(run: Run, proc: subprocess.Popen, path: str) -> None:
-        with open(path, "a") as f:
-            for line in proc.stdout:
-                f.write(line)
-                f.flush()
-                print(f"  [{run.label}] {line}", end="", flush=True)
+    def echo(run: Run, proc: subprocess.Popen, path: str) -> None:
+        """Prints the run's log as it grows (the run writes the file itself, so its output
+        survives the harness)."""
+        with open(path) as f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                line = f.readline()
+                if line:
+                    print(f"  [{run.label}] {line}", end="", flush=True)
+                elif proc.poll() is not None:
+                    return
+                else:
+                    time.sleep(0.2)
 
-    def forward(signum, frame):  # the runs checkpoint, then the harness exits
-        for _, proc, _ in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+    def forward(signum, frame):  # the runs checkpoint (below), then the harness exits
         raise KeyboardInterrupt
 
     # Runs of one study compile the same programs (every seed, most variants): one
     # persistent XLA cache saves their compile time, unless the caller chose one.
     env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(workdir, ".xla_cache"), **os.environ}
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while todo or running:
             ready = [r for r in todo if set(r.after) <= done]
@@ -487,13 +507,16 @@ def execute(runs: list[Run], workdir: str, jobs: int, lock_fd: int | None,
                 started = total - len(todo)
                 print(f"\n=== [{started}/{total}] {run.label} ({run.kind}) -> {run.workdir}\n"
                       f"    {' '.join(run.command())}", flush=True)
-                proc = subprocess.Popen(
-                    run.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    text=True, cwd=ROOT, env=env, preexec_fn=_die_with_parent,
-                    pass_fds=(lock_fd,) if lock_fd is not None else ())
-                threading.Thread(target=stream, daemon=True,
-                                 args=(run, proc, os.path.join(logs, f"{run.label}.log"))
-                                 ).start()
+                path = os.path.join(logs, f"{run.label}.log")
+                with open(path, "a") as out:
+                    # Own session: a terminal's Ctrl-C reaches the harness, which stops
+                    # the runs with SIGTERM (they checkpoint), not the runs directly.
+                    proc = subprocess.Popen(
+                        run.command(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                        env=env, start_new_session=True,
+                        preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                        pass_fds=(lock_fd,) if lock_fd is not None else ())
+                threading.Thread(target=echo, daemon=True, args=(run, proc, path)).start()
                 running[run.label] = (run, proc, time.time())
             if failed and not running:
                 break
@@ -514,8 +537,17 @@ def execute(runs: list[Run], workdir: str, jobs: int, lock_fd: int | None,
                     failed.append(label)
                     print(f"=== {label}: FAILED (exit {proc.returncode}); log: "
                           f"{os.path.join(logs, label + '.log')}", flush=True)
+    except KeyboardInterrupt:
+        for _, proc, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        print(f"stopping: {len(running)} run(s) checkpoint and exit ...", flush=True)
+        for _, proc, _ in running.values():
+            proc.wait()
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failed:
         raise StudyError(f"run(s) {', '.join(failed)} failed; their logs are in {logs}. "
                          "Finished runs are kept: fix the cause and re-run to continue")
@@ -702,8 +734,9 @@ def report(study: Study, result: dict[str, Any], command: str) -> str:
               "| variant | worth in steps | worth in total FLOPs |", "|---|---:|---:|"]
     for name, v in result["variants"].items():
         s = v["summary"]
-        lines.append(f"| {name} | {fmt(*s['worth_ratio'], digits=2)} | "
-                     f"{fmt(*s['worth_flops_ratio'], digits=2)} |")
+        beyond = f"beyond {study.baseline}'s best"
+        lines.append(f"| {name} | {fmt(*s['worth_ratio'], digits=2, inf=beyond)} | "
+                     f"{fmt(*s['worth_flops_ratio'], digits=2, inf=beyond)} |")
     if study.report:
         lines += ["", "Final values:", "", "| variant | " + " | ".join(study.report) + " |",
                   "|---|" + "---:|" * len(study.report)]
@@ -813,6 +846,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         workdir = args.workdir or os.path.join("runs", study.name)
         if "://" not in workdir:  # the runs start in the repository root
             workdir = os.path.abspath(workdir)
+        if "://" in workdir and not (args.dry_run or args.report_only):
+            raise StudyError(f"--workdir {workdir!r}: the harness runs studies in a local "
+                             "workdir; for a bucket (a pod), use --dry-run and run the "
+                             "printed commands there")
         runs = plan(study, workdir, tuple(args.set))
         check_target(study, runs)
     except StudyError as e:
@@ -854,10 +891,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result["command"] = command
     result["wall_seconds"] = time.time() - start
     text = report(study, result, command)
-    with open(os.path.join(out, f"{study.name}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, f"{study.name}.json"), "w") as f:
-        json.dump(_json_safe(result), f, indent=1)
+    files.write_atomically(os.path.join(out, f"{study.name}.md"), text)
+    files.write_atomically(os.path.join(out, f"{study.name}.json"),
+                           json.dumps(_json_safe(result), indent=1))
     plot(study, result, out)
     print("\n" + text)
     print(f"wall time {result['wall_seconds'] / 60:.1f} min; report in {out}")

@@ -1,5 +1,6 @@
-"""A study small enough for a test (tests/test_compare.py): plain SigLIP against JEST with
-a reference on the tiny embedded data, 20 steps, evaluated every 10."""
+"""A study small enough for a test (tests/test_compare.py): plain SigLIP (40 steps, long
+enough to be killed mid-run) against JEST with a reference (20 steps) on the tiny
+embedded data, evaluated every 10 steps."""
 
 
 def get_study(arg: str | None = None) -> dict:
@@ -12,7 +13,7 @@ def get_study(arg: str | None = None) -> dict:
         references={"clean": {"config": "configs/smoke.py:steps=10",
                               "set": {"batch_size": 32}}},
         variants={
-            "uniform": {"method": "uniform"},
+            "uniform": {"method": "uniform", "steps": 40},
             "JEST": {"method": "joint", "filter": 0.5, "reference": "clean",
                      "set": {"data.train.split": "raw", "selection.num_chunks": 4}},
         },
