@@ -36,7 +36,7 @@ reproduce: $(STAMP)
 	done
 	$(BIN)/python experiments/study_chunks.py --learner $(REPRODUCE)/uniform_seed0 \
 		--name uniform-300 --reference $(REPRODUCE)/ref_curated --draws 20 --super 160 \
-		--filter 0.8 --out $(RESULTS)/study_chunks
+		--filter 0.8 --out $(RESULTS)/study_chunks/f0.8
 
 # Whole suite, slow end-to-end tests included (that is what CI runs). worksteal: a worker
 # that runs out of tests takes half of the other's queue, so no long test is left alone at the end.
