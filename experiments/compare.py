@@ -683,6 +683,10 @@ def analyse(study: Study, runs: list[Run]) -> dict[str, Any]:
     return {"study": study.name, "title": study.title, "target": study.target,
             "baseline": study.baseline, "seeds": seeds, "level": LEVEL,
             "reference_overhead": {n: overhead(r, runs) for n, r in refs.items()},
+            # Variants reading a reference run made outside the study: not charged for it.
+            "external_references": {
+                r.variant: r.config.selection.reference.workdir for r in learners
+                if not r.reference and r.config.selection.reference.workdir},
             "amortised_over": {n: study.amortise_over or users[n] for n in refs},
             "variants": variants, "runs": per_run}
 
@@ -709,6 +713,9 @@ def report(study: Study, result: dict[str, Any], command: str) -> str:
         "reached it. FLOPs are XLA's count of each compiled step (selection scoring "
         "included); *total* adds each run's share of its reference's training and cache "
         "pass.\n")
+    for name, path in result["external_references"].items():
+        lines.append(f"- `{name}` reads the reference run {path}, made outside this study: "
+                     "its cost is not in its total FLOPs.")
     for name, flops in result["reference_overhead"].items():
         k = result["amortised_over"][name]
         lines.append(f"- reference `{name}`: {flops / 1e12:.3f} TFLOP (training + cache), "
