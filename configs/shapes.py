@@ -19,6 +19,8 @@ half of each batch (λ = 0.5) at twice the patch size, the rest at full resoluti
 plain uniform learner then trains at both resolutions too; it also evaluates zero-shot at
 the low resolution (`evals.zero_shot_low_res`). The text tower is the half-width `nano`
 (below). `steps=N` changes the length;
+`confusable=True` trains and evaluates on the `jest_shapes/confusable` build instead, where a
+super-batch holds many pairs that differ only in colour (jest_jax/data/shapes.py).
 `runlocal=True` switches to the tiny dataset and 30 steps, a check that the path runs.
 """
 
@@ -29,14 +31,15 @@ from jest_jax import config as jj
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Args: stage=reference|learner, method, criterion, filter, flexi, reference, cache,
-    steps, runlocal."""
+    steps, confusable, runlocal."""
     arg = jj.parse_arg(arg, stage="reference", method="uniform", criterion="learnability",
                        filter=0.8, flexi=False, reference="", cache="", steps=1000,
-                       runlocal=False)
+                       confusable=False, runlocal=False)
     if arg.stage not in ("reference", "learner"):
         raise ValueError(f"configs/shapes.py: stage={arg.stage!r}; use reference or learner")
     c = jj.defaults()
-    dataset = "jest_shapes/tiny" if arg.runlocal else "jest_shapes"
+    dataset = ("jest_shapes/tiny" if arg.runlocal
+               else "jest_shapes/confusable" if arg.confusable else "jest_shapes")
     # On this data small batches and more steps beat large batches at equal compute.
     c.batch_size = 64
     c.total_steps = 30 if arg.runlocal else arg.steps

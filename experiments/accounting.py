@@ -1,30 +1,19 @@
 """Compute accounting shared by the benchmarks and comparisons: the relative cost of a
 forward pass at another patch size, measured by XLA, for the paper's §A.4 formula
-(`jest_jax.metrics.a4_step_ratio`); and the benchmarks' `--set FIELD=VALUE` overrides."""
+(`jest_jax.metrics.a4_step_ratio`)."""
 
 from __future__ import annotations
 
-import ast
 import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from jest_jax import config as config_lib
 from jest_jax.metrics import a4_step_ratio, compiled_flops
 from jest_jax.models import Model
 
 ROWS = 8  # examples per measured forward pass; the cost is per example
-
-
-def set_fields(config: ml_collections.ConfigDict, items: list[str]) -> None:
-    """Applies `FIELD=VALUE` overrides (dotted FIELD, VALUE a Python literal) to `config`."""
-    for item in items:
-        field, _, value = item.partition("=")
-        parent, _, last = field.rpartition(".")
-        node = config_lib.get_field(config, parent) if parent else config
-        node[last] = ast.literal_eval(value)
 
 
 def forward_flops(spec: config_lib.Spec, vocab_size: int, patch_size: int | None) -> float:

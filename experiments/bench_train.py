@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accounting import a4_prediction, set_fields  # noqa: E402
+from accounting import a4_prediction  # noqa: E402
 
 from jest_jax import build, sharding  # noqa: E402
 from jest_jax import config as config_lib  # noqa: E402
@@ -112,7 +112,7 @@ def methods(steps: int) -> None:
               f"({a4['r_score']:.2f}, {a4['r_train']:.2f}) |", flush=True)
 
 
-def configs(paths: list[str], overrides: list[str], steps: int, vocab: int,
+def configs(paths: list[str], overrides: dict, steps: int, vocab: int,
             peak_tflops: float) -> None:
     """`paths` side by side: per device, as XLA counts and this device runs them."""
     print("| config | N → b | ms/step | TFLOP/step (XLA) | achieved TFLOP/s | MFU | "
@@ -121,7 +121,7 @@ def configs(paths: list[str], overrides: list[str], steps: int, vocab: int,
     base = None
     for path in paths:
         config = config_lib.load(path)
-        set_fields(config, overrides)
+        config_lib.set_fields(config, overrides, "--set")
         r = bench(config, steps, vocab)
         base = base or r
         tflops = r["flops"] / 1e12 / (r["ms_per_step"] / 1e3)
@@ -149,7 +149,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device: {jax.device_count()}x {jax.devices()[0].device_kind}\n")
     if args.config:
-        configs(args.config, args.set, args.steps, args.vocab, args.peak_tflops)
+        try:
+            overrides = dict(map(config_lib.parse_assignment, args.set))
+        except config_lib.ConfigError as e:
+            parser.error(f"--set: {e}")
+        configs(args.config, overrides, args.steps, args.vocab, args.peak_tflops)
         return
     if args.only != "methods":
         sizes(args.steps)

@@ -29,7 +29,6 @@ steps and against total FLOPs. docs/results.md explains how to read them.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import ctypes
 import dataclasses
@@ -228,15 +227,10 @@ class Run:
 
 
 def _set(config: ml_collections.ConfigDict, where: str, fields: dict[str, Any]) -> None:
-    for field, value in dict(fields).items():
-        parent, _, last = field.rpartition(".")
-        try:
-            node = config_lib.get_field(config, parent) if parent else config
-        except config_lib.ConfigError:
-            node = None
-        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
-            raise StudyError(f"{where}: config.{field} does not exist in the config")
-        node[last] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    try:
+        config_lib.set_fields(config, dict(fields), where)
+    except config_lib.ConfigError as e:
+        raise StudyError(str(e)) from None
 
 
 def _config(spec: str, where: str) -> ml_collections.ConfigDict:
@@ -328,13 +322,10 @@ def plan(study: Study, workdir: str,
 
 
 def _literal(item: str) -> tuple[str, Any]:
-    field, sep, value = item.partition("=")
-    if not sep:
-        raise StudyError(f"--set {item!r} is not FIELD=VALUE")
     try:
-        return field, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return field, value  # a bare string
+        return config_lib.parse_assignment(item)
+    except config_lib.ConfigError as e:
+        raise StudyError(f"--set: {e}") from None
 
 
 def _variant(config: ml_collections.ConfigDict, study: Study, name: str,

@@ -32,7 +32,7 @@ from jest_jax.metrics import compiled_flops
 from jest_jax.models import Model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accounting import a4_prediction, set_fields  # noqa: E402
+from accounting import a4_prediction  # noqa: E402
 
 GiB = 2**30
 
@@ -105,7 +105,10 @@ def main() -> None:
                              "(VALUE is a Python literal)")
     args = parser.parse_args()
     config = config_lib.load(args.config)
-    set_fields(config, args.set)
+    try:
+        config_lib.set_fields(config, dict(map(config_lib.parse_assignment, args.set)), "--set")
+    except config_lib.ConfigError as e:
+        sys.exit(f"error: {e}")
     # The paper's setting is the cache (§A.5); the compile reads none of its files.
     config.selection.reference.cache_dir = "" if args.online_reference else (
         config.selection.reference.cache_dir or "(compiled without files)")

@@ -46,9 +46,12 @@ class Wired:
     def flops(self, batch: dict[str, jax.Array], reference_input) -> dict[str, float]:
         """XLA's FLOPs of one step over all devices (XLA reports one device's program):
         `flops`, the whole compiled step; `flops/update`, the learner's update alone on the
-        b selected examples (its own compiled step); `flops/scoring`, the difference,
-        everything selection adds (learner and reference forward passes on the
-        candidates, the selection kernel, the gather)."""
+        b selected examples; `flops/scoring`, the difference, everything selection adds
+        (learner and reference forward passes on the candidates, the selection kernel, the
+        gather). The update is counted on its lowered program, before XLA's optimisation:
+        compiling it only to count would cost every run a second compile of about half the
+        step's time, and the two counts differ by about 0.5% on configs/shapes.py
+        (docs/benchmarks.md, "FLOPs accounting")."""
         devices = self.state.mesh.size
         state = self.state.abstract_sharded()
         total = compiled_flops(self.step.lower(state, batch, reference_input).compile())
@@ -58,7 +61,7 @@ class Wired:
         rows, placement = self.scorer.spec.num_select, sharding.batch_sharding(self.state.mesh)
         selected = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=placement)
                     for k, v in batch.items() if k in UPDATE_FIELDS}
-        update = compiled_flops(self.update.lower(state, selected, {}).compile()) * devices
+        update = compiled_flops(self.update.lower(state, selected, {})) * devices
         return {"flops": total, "flops/update": update, "flops/scoring": total - update}
 
 
@@ -80,7 +83,7 @@ def wire(spec: config_lib.Spec, mesh: jax.sharding.Mesh, vocab_size: int,
     step = make_train_step(model, spec.optimizer, spec.loss, mesh, scorer, spec.faults)
     jitted = jit_train_step(step, state, sharding.placed(reference.step_input, mesh))
     update = None
-    if scorer is not None:  # compiled only to count the update's FLOPs apart from scoring
+    if scorer is not None:  # lowered (never run) to count the update's FLOPs apart from scoring
         update = jit_train_step(make_train_step(model, spec.optimizer, spec.loss, mesh,
                                                 guard=spec.faults), state)
     return Wired(model, state, scorer, reference, jitted, update)

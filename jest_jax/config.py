@@ -26,7 +26,14 @@ from jest_jax.evaluate import OPTIONS as EVAL_OPTIONS
 from jest_jax.evaluate import REGISTRY as EVALUATORS
 from jest_jax.evaluate import EvalSpec
 from jest_jax.faults import FaultPolicy
-from jest_jax.fields import ConfigError, Section, did_you_mean, get_field
+from jest_jax.fields import (
+    ConfigError,
+    Section,
+    did_you_mean,
+    get_field,
+    parse_assignment,
+    set_fields,
+)
 from jest_jax.losses import Loss
 from jest_jax.metrics import LoggingSpec
 from jest_jax.models import ModelSpec
@@ -36,7 +43,7 @@ from jest_jax.scoring import SelectionSpec
 from jest_jax.sharding import MeshSpec
 
 __all__ = ["ConfigError", "DATA_DIR", "Spec", "defaults", "get_field", "load", "parse_arg",
-           "pool", "validate"]
+           "parse_assignment", "pool", "set_fields", "validate"]
 
 DATA_DIR = sources.DATA_DIR
 pool = sources.pool

@@ -11,9 +11,10 @@ This module imports nothing from jest_jax, so the lowest layers can use it.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -37,6 +38,34 @@ def get_field(config: ml_collections.ConfigDict, field: str) -> Any:
             raise ConfigError(f"config.{field} is missing")
         node = node[part]
     return node
+
+
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """`"FIELD=VALUE"` as (FIELD, VALUE): a Python literal, else the bare string (so
+    `--set data.train.source=tfds` needs no quotes); ConfigError without `=`."""
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+        raise ConfigError(f"{item!r} is not FIELD=VALUE")
+    try:
+        return field, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return field, value
+
+
+def set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any],
+               where: str) -> None:
+    """Sets each dotted field of `fields` in `config`. A field the config does not have is
+    a ConfigError naming `where` the override was written: overrides change fields, they
+    never add one (a typo would otherwise be silently ignored by every component)."""
+    for field, value in fields.items():
+        parent, _, last = field.rpartition(".")
+        try:
+            node = get_field(config, parent) if parent else config
+        except ConfigError:
+            node = None
+        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+            raise ConfigError(f"{where}: config.{field} does not exist in the config")
+        node[last] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def _is_int(value: Any) -> bool:

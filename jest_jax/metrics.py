@@ -245,7 +245,8 @@ class StepProfile:
 
 
 def compiled_flops(compiled: Any) -> float:
-    """FLOPs of one call of a compiled XLA executable, from its cost analysis."""
+    """FLOPs of one call of a compiled XLA executable, from its cost analysis (a lowered
+    program works too: XLA's count before optimisation)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device program
         analysis = analysis[0] if analysis else {}

@@ -20,6 +20,23 @@ def test_parse_arg_types_from_defaults():
         config_lib.parse_arg("steps", steps=1)
 
 
+def test_overrides_set_existing_fields_and_name_where_a_typo_was_written():
+    parse = config_lib.parse_assignment
+    assert parse("batch_size=1024") == ("batch_size", 1024)
+    assert parse("model.remat=False") == ("model.remat", False)
+    assert parse("evals.tasks=('zero_shot',)") == ("evals.tasks", ("zero_shot",))
+    assert parse("data.train.split=curated") == ("data.train.split", "curated")  # bare string
+    with pytest.raises(ConfigError, match="'batch_size' is not FIELD=VALUE"):
+        parse("batch_size")
+    config = load_config("smoke.py")
+    config_lib.set_fields(config, {"batch_size": 12, "model.remat": True}, "--set")
+    assert (config.batch_size, config.model.remat) == (12, True)
+    for field in ("batch_sise", "model.remmat", "modle.remat", "batch_size.x"):
+        with pytest.raises(ConfigError, match=rf"^--set: config\.{field} does not exist"):
+            config_lib.set_fields(config, {field: 1}, "--set")
+    assert config.batch_size == 12 and "batch_sise" not in config
+
+
 @pytest.mark.parametrize("arg", ["stage=reference", "stage=learner", "stage=learner,runlocal=1"])
 def test_shipped_configs_are_valid(arg):
     validate(load_config("shapes.py", arg), num_devices=1)

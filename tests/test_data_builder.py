@@ -13,10 +13,12 @@ import pytest
 from jest_jax.data import load_split, write_image_text_dataset
 from jest_jax.data.datasets import prepare_quietly
 from jest_jax.data.shapes import (
+    _COLOR_WORDS,
     ATTRIBUTES,
     CORRUPTIONS,
     JestShapes,
     ShapesConfig,
+    family_attributes,
     zero_shot_templates,
 )
 
@@ -45,8 +47,9 @@ def tiny(tmp_path_factory):
     return splits, info
 
 
-def _build_custom(data_dir: Path, seed: int) -> dict[str, list[dict]]:
-    config = ShapesConfig(name=f"seed{seed}", seed=seed, num_raw=64, num_curated=16, num_eval=16)
+def _build_custom(data_dir: Path, seed: int, **fields) -> dict[str, list[dict]]:
+    fields = {"num_raw": 64, "num_curated": 16, "num_eval": 16, **fields}
+    config = ShapesConfig(name=f"seed{seed}", seed=seed, **fields)
     builder = JestShapes(config=config, data_dir=str(data_dir), file_format="array_record")
     prepare_quietly(builder)
     return {s: _read_all(builder.as_data_source(split=s)) for s in ("raw", "curated", "eval")}
@@ -134,6 +137,33 @@ def test_near_duplicates_are_close_to_their_source(tiny):
         nearest = min(np.abs(images[i] - images[j]).mean() for j in sources)
         typical = np.median(np.abs(images[clean] - images[i]).mean(axis=(1, 2, 3)))
         assert nearest < 16 and nearest < 0.5 * typical, (i, nearest, typical)
+
+
+def _colour_twins(examples: list[dict]) -> int:
+    """Pairs with the same shape, size and position but another colour (brute force)."""
+    key = [(e["shape"], e["size"], e["position"]) for e in examples]
+    return sum(key[i] == key[j] and examples[i]["color"] != examples[j]["color"]
+               for i in range(len(examples)) for j in range(i))
+
+
+def test_confusable_build_is_families_in_any_colour(tiny, tmp_path):
+    splits = _build_custom(tmp_path, 0, families=16, num_raw=320)
+    triples = {tuple(f.values()) for f in family_attributes(0, 16)}
+    assert len(triples) == 16
+    for examples in splits.values():
+        for e in examples:
+            assert (e["shape"], e["size"], e["position"]) in triples
+    # Clean captions always name the colour (in one of its words).
+    for e in splits["curated"] + [e for e in splits["raw"] if e["is_clean"]]:
+        words = _COLOR_WORDS[ATTRIBUTES["color"][e["color"]]]
+        assert any(w in e["caption"].decode().lower() for w in words), e["caption"]
+    assert 0.3 < np.mean([e["is_clean"] for e in splits["raw"]]) < 0.6  # still a noisy pool
+    # A super-batch's worth (320) holds far more pairs that differ only in colour than the
+    # default build's (there: 162 triples; about 51040 / 162 * 7 / 8 = 276 expected).
+    default = _colour_twins(tiny[0]["raw"][:320])
+    assert _colour_twins(splits["raw"]) > 8 * default > 0
+    with pytest.raises(ValueError, match="only 162"):
+        family_attributes(0, 163)
 
 
 def test_load_split_errors(tiny, tmp_path):

@@ -10,6 +10,12 @@ size, position) on a varied background. Three splits:
 * ``curated``: a smaller, all-clean pool for training the reference model.
 * ``eval``: a clean held-out split for zero-shot classification and retrieval.
 
+The ``confusable`` build is the regime where in-batch hard negatives abound (the paper's
+explanation of why joint selection beats independent selection): every object belongs to
+one of 16 families, a (shape, size, position) fixed once from the seed, and comes in any
+colour; every caption names the colour. A super-batch of 320 then holds about 20 members of
+each family, pairs that differ only in colour (image and caption alike).
+
 Each split draws from its own RNG stream and every example from its own seed
 ``(config.seed, split_id, index)``, so the data depend only on the config,
 never on iteration order. Attribute labels always describe the object that was
@@ -128,6 +134,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_curated: int = 10_000
     num_eval: int = 1_000
     image_size: int = 32
+    # 0: every attribute drawn independently. k > 0: each object is one of k (shape, size,
+    # position) families, in any colour, and its caption always names the colour.
+    families: int = 0
 
 
 class JestShapes(tfds.core.GeneratorBasedBuilder):
@@ -140,6 +149,9 @@ class JestShapes(tfds.core.GeneratorBasedBuilder):
         ShapesConfig(name="default", description="40k raw, 10k curated, 1k eval."),
         ShapesConfig(name="tiny", num_raw=512, num_curated=256, num_eval=128,
                      description="A few hundred examples per split, for tests."),
+        ShapesConfig(name="confusable", families=16,
+                     description="40k raw, 10k curated, 1k eval; 16 (shape, size, position) "
+                                 "families in any colour: many pairs differ only in colour."),
     ]
 
     @tfds.core.utils.classproperty
@@ -171,11 +183,13 @@ class JestShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
         for index in range(num):
-            yield index, generate_example(cfg.seed, split, index, cfg.image_size)
+            yield index, generate_example(cfg.seed, split, index, cfg.image_size, cfg.families)
 
 
-def generate_example(seed: int, split: str, index: int, image_size: int = 32) -> dict:
-    """Example `index` of `split`, as the builder writes it (image as PNG bytes)."""
+def generate_example(seed: int, split: str, index: int, image_size: int = 32,
+                     families: int = 0) -> dict:
+    """Example `index` of `split`, as the builder writes it (image as PNG bytes);
+    `families` as in `ShapesConfig`."""
     split_id = _SPLIT_IDS[split]
     rng = _example_rng(seed, split_id, index)
     corruption = _draw_corruption(rng) if split == "raw" else 0
@@ -188,10 +202,10 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 32) ->
         # Replay the source's stream: its first draw was its corruption type.
         src_rng = _example_rng(seed, split_id, source)
         _draw_corruption(src_rng)
-        src = _clean_pair(src_rng, image_size)
+        src = _clean_pair(src_rng, image_size, family_attributes(seed, families))
         image, caption, attrs = _near_duplicate(rng, src["image"]), src["caption"], src["attrs"]
     else:
-        pair = _clean_pair(rng, image_size)
+        pair = _clean_pair(rng, image_size, family_attributes(seed, families))
         image, caption, attrs = pair["image"], pair["caption"], pair["attrs"]
         kind = CORRUPTIONS[corruption]
         if kind == "mismatched_caption":
@@ -225,16 +239,38 @@ def _find_clean_source(
     return None
 
 
-def _clean_pair(rng: np.random.Generator, size: int) -> dict:
-    """Draws attributes, renders the image and writes a matching caption."""
-    attrs = {k: int(rng.integers(len(v))) for k, v in ATTRIBUTES.items()}
+def family_attributes(seed: int, families: int) -> list[dict[str, int]]:
+    """The `families` distinct (shape, size, position) triples of a build; [] for 0."""
+    if not families:
+        return []
+    keys = ("shape", "size", "position")
+    counts = [len(ATTRIBUTES[k]) for k in keys]
+    if families > int(np.prod(counts)):
+        raise ValueError(f"families={families}: there are only {int(np.prod(counts))} "
+                         "(shape, size, position) triples")
+    picks = np.random.default_rng([seed, 1_000_003]).choice(int(np.prod(counts)), families,
+                                                             replace=False)
+    return [dict(zip(keys, map(int, np.unravel_index(int(i), counts)), strict=True)) for i in picks]
+
+
+def _clean_pair(rng: np.random.Generator, size: int,
+                families: list[dict[str, int]] = ()) -> dict:
+    """Draws attributes (a family's, in any colour, if `families`), renders the image and
+    writes a matching caption."""
+    if families:
+        attrs = {**families[int(rng.integers(len(families)))],
+                 "color": int(rng.integers(len(ATTRIBUTES["color"])))}
+        attrs = {k: attrs[k] for k in ATTRIBUTES}
+    else:
+        attrs = {k: int(rng.integers(len(v))) for k, v in ATTRIBUTES.items()}
     background, bg_words = _background(rng, size)
     mask, geometry = _object_mask(rng, attrs, size)
     rgb = np.array(_RGB[ATTRIBUTES["color"][attrs["color"]]], np.float32)
     rgb = rgb + rng.uniform(-15, 15, 3)
     alpha = mask[..., None]
     image = np.clip(background * (1 - alpha) + rgb * alpha, 0, 255).round().astype(np.uint8)
-    return {"image": image, "caption": _caption(rng, attrs, bg_words), "attrs": attrs,
+    caption = _caption(rng, attrs, bg_words, name_color=bool(families))
+    return {"image": image, "caption": caption, "attrs": attrs,
             "background": bg_words, "geometry": geometry}
 
 
@@ -324,13 +360,16 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _caption(rng: np.random.Generator, attrs: dict, bg_words: str) -> str:
-    """A caption naming some attributes (always the shape or the colour)."""
+def _caption(rng: np.random.Generator, attrs: dict, bg_words: str,
+             name_color: bool = False) -> str:
+    """A caption naming some attributes (always the shape or the colour; always the colour
+    with `name_color`)."""
     names = {k: ATTRIBUTES[k][v] for k, v in attrs.items()}
     say = {k: bool(rng.random() < p) for k, p in
            (("size", 0.55), ("color", 0.8), ("shape", 0.8), ("position", 0.55))}
     if not (say["shape"] or say["color"]):
         say["shape" if rng.random() < 0.5 else "color"] = True
+    say["color"] = say["color"] or name_color
     size = _pick(rng, _SIZE_WORDS[names["size"]]) if say["size"] else ""
     color = _pick(rng, _COLOR_WORDS[names["color"]]) if say["color"] else ""
     noun = (_pick(rng, _SHAPE_WORDS[names["shape"]]) if say["shape"]
