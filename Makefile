@@ -30,7 +30,7 @@ demo: $(STAMP)
 REPRODUCE ?= runs/reproduce
 JOBS ?= 2
 reproduce: $(STAMP)
-	for s in fig3 headline reference; do \
+	for s in fig3 headline reference confusable; do \
 		$(BIN)/python experiments/compare.py configs/studies/reproduce.py:study=$$s \
 			--workdir $(REPRODUCE) --out $(RESULTS)/$$s --jobs $(JOBS) || exit 1; \
 	done
