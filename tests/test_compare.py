@@ -21,6 +21,7 @@ from tests.conftest import ROOT, load_config
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import compare  # noqa: E402
+import paired  # noqa: E402
 
 from jest_jax import config as config_lib  # noqa: E402
 
@@ -38,6 +39,26 @@ def test_mean_ci_is_scipys_student_t_interval(values):
     _, half90 = compare.mean_ci(values, level=0.9)
     low, high = scipy.stats.t.interval(0.9, x.size - 1, loc=x.mean(), scale=scipy.stats.sem(x))
     np.testing.assert_allclose(half90, (high - low) / 2, rtol=1e-12)
+
+
+def test_paired_differences_against_scipys_paired_interval(tmp_path):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.6, 0.1, 4), rng.normal(0.5, 0.1, 4)
+    study = {"seeds": [0, 1, 2, 3], "target": "acc", "variants": {"A": {}, "B": {}},
+             "runs": {**{f"A_seed{i}": {"acc": [0.1, float(v)], "clean": float(v)}
+                         for i, v in enumerate(a)},
+                      **{f"B_seed{i}": {"acc": [0.2, float(v)], "clean": float(v)}
+                         for i, v in enumerate(b)}}}
+    diffs = paired.differences(study, "A", "B", "acc")
+    np.testing.assert_allclose(diffs, a - b, rtol=1e-12)
+    assert paired.differences(study, "A", "B", "clean") == diffs  # a scalar key
+    mean, half = compare.mean_ci(diffs)
+    low, high = scipy.stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (mean - half, mean + half) == pytest.approx((low, high), rel=1e-9)
+    with pytest.raises(SystemExit, match="no run C_seed0 in the study"):
+        paired.differences(study, "A", "C", "acc")
+    with pytest.raises(SystemExit, match="A_seed0 has no 'loss'"):
+        paired.differences(study, "A", "B", "loss")
 
 
 def test_mean_ci_of_one_seed_has_no_interval():
