@@ -169,7 +169,7 @@ def test_confusable_build_is_families_in_any_colour(tiny, tmp_path):
 def test_load_split_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"available splits: \['raw', 'curated', 'eval'\]"):
         load_split("jest_shapes/tiny", "train", str(tmp_path))
-    with pytest.raises(ValueError, match="available: \\['default', 'tiny'\\]"):
+    with pytest.raises(ValueError, match="available: \\['default', 'tiny', 'confusable'\\]"):
         load_split("jest_shapes/huge", "raw", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="'not_here'.*write_image_text_dataset"):
         load_split("not_here", "train", str(tmp_path))
