@@ -21,7 +21,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compile_paper import abstract_batch  # noqa: E402
 
-from jest_jax import build, sharding  # noqa: E402
+from jest_jax import build  # noqa: E402
 from jest_jax import config as config_lib  # noqa: E402
 from jest_jax.metrics import compiled_flops  # noqa: E402
 from jest_jax.models import Model  # noqa: E402
@@ -39,10 +39,8 @@ def count(path: str) -> dict[str, float]:
     if wired.update is None:
         raise SystemExit(f"{path}: no selection, so no separate update to count")
     state = wired.state.abstract_sharded()
-    rows, placement = wired.scorer.spec.num_select, sharding.batch_sharding(mesh)
-    batch = abstract_batch(spec, mesh, rows, ())
-    selected = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement)
-                for k, v in batch.items() if k in build.UPDATE_FIELDS}
+    selected = {k: v for k, v in abstract_batch(spec, mesh, wired.scorer.spec.num_select,
+                                                 ()).items() if k in build.UPDATE_FIELDS}
     start = time.perf_counter()
     lowered = wired.update.lower(state, selected, {})
     lower_s = time.perf_counter() - start
